@@ -1,0 +1,135 @@
+"""Session (one client connection) and Transaction (one envelope and its message).
+
+These carry facts; checks read them and add their ``CheckResult`` facts.
+Decisions live in :mod:`smtpproxy.verdict`.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import ipaddress
+import secrets
+import time
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+
+def new_id() -> str:
+    """A short random id for connections and transactions (log and header friendly)."""
+    return secrets.token_hex(6).upper()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What was negotiated on an inbound TLS connection."""
+
+    version: str
+    cipher: str
+    bits: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """A fact found by a check: ``CheckResult("spf", "pass", "...")``.
+
+    ``result`` is one of pass/fail/softfail/neutral/none/temperror/permerror/policy
+    (or a check's own closed set); ``details`` are key=value facts for headers and rules.
+    """
+
+    check: str
+    result: str
+    details: dict[str, Any] = field(default_factory=dict)
+    comment: str = ""
+
+
+@dataclass(slots=True)
+class Session:
+    """One client connection: where it came from and what it said so far."""
+
+    id: str
+    client_ip: IPAddress
+    client_port: int
+    local_ip: str
+    local_port: int
+    started: float = field(default_factory=time.monotonic)
+    proxied: bool = False  # client address came from a PROXY protocol header
+    rdns: str | None = None  # verified reverse name, None when unknown
+    helo: str | None = None
+    esmtp: bool = False
+    tls: TlsInfo | None = None
+    transactions: int = 0  # MAIL commands accepted so far
+    messages: int = 0  # messages that reached end of DATA
+    errors: int = 0
+    rejected_recipients: int = 0
+    invalid_commands: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)  # per-check connection state
+
+    @property
+    def client_address(self) -> str:
+        """The client IP as text (IPv6 without brackets)."""
+        return str(self.client_ip)
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """An accepted RCPT TO address with its parameters."""
+
+    address: str
+    params: tuple[str, ...] = ()
+
+    @property
+    def domain(self) -> str:
+        """The domain part, lower-cased; empty for a bare local part."""
+        return self.address.rpartition("@")[2].lower() if "@" in self.address else ""
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One envelope: MAIL FROM, accepted recipients, and the message once received.
+
+    ``mail_from`` is the reverse path without angle brackets; "" for the null sender.
+    """
+
+    id: str
+    mail_from: str
+    mail_params: tuple[str, ...] = ()
+    recipients: list[Recipient] = field(default_factory=list)
+    message: bytes = b""
+    results: dict[str, CheckResult | list[CheckResult]] = field(default_factory=dict)
+    score: float = 0.0
+    matched_rules: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    extras: dict[str, Any] = field(default_factory=dict)  # per-check transaction state
+    _headers: EmailMessage | None = None
+
+    @property
+    def sender_domain(self) -> str:
+        """The MAIL FROM domain, lower-cased; empty for the null sender."""
+        return self.mail_from.rpartition("@")[2].lower() if "@" in self.mail_from else ""
+
+    @property
+    def size(self) -> int:
+        """Message size in bytes (0 before DATA)."""
+        return len(self.message)
+
+    @property
+    def headers(self) -> Any:
+        """The message header parsed once, lazily (compat32: never raises on bad input)."""
+        if self._headers is None:
+            self._headers = _HEADER_PARSER.parsebytes(self.message, headersonly=True)  # type: ignore[assignment]
+        return self._headers
+
+    def add_result(self, result: CheckResult, *, many: bool = False) -> None:
+        """Record a check's fact; ``many`` keeps a list (several DKIM signatures)."""
+        if many:
+            existing = self.results.setdefault(result.check, [])
+            assert isinstance(existing, list)
+            existing.append(result)
+        else:
+            self.results[result.check] = result
