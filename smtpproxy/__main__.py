@@ -1,0 +1,7 @@
+"""``python -m smtpproxy``."""
+
+import sys
+
+from smtpproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,253 @@
+"""The application object: everything built once from the config, and the server lifecycle.
+
+No module-level state: the App owns the metrics registry, the resolver, the
+backend pool, the pipeline and the listening sockets, and hands itself to each
+connection (uvicorn's Server pattern).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from smtpproxy.backend import Backend, BackendTransaction, ClientFacts
+from smtpproxy.backend.maildir import MaildirBackend
+from smtpproxy.backend.smtp import SmtpBackend
+from smtpproxy.config import Config
+from smtpproxy.core_checks import LimitsCheck, RelayCheck
+from smtpproxy.dns import Resolver
+from smtpproxy.httpserver import MetricsServer
+from smtpproxy.logs import EventLog
+from smtpproxy.metrics import Metrics
+from smtpproxy.pipeline import Pipeline
+from smtpproxy.server import InboundSMTP, make_tls_context
+from smtpproxy.session import Session, Transaction
+from smtpproxy.stages import Check
+from smtpproxy.verdict import Reply
+
+log = logging.getLogger("smtpproxy.app")
+
+
+def make_backend(url: str, config: Config, metrics: Metrics) -> Backend:
+    """A Backend for ``smtp://``, ``smtps://`` or ``maildir:`` URLs."""
+    if url.startswith("maildir:"):
+        return MaildirBackend(config.path(url[len("maildir:") :]))
+    return SmtpBackend(url, config.backend_options, config.hostname, metrics)
+
+
+class App:
+    """One proxy instance built from a validated Config."""
+
+    def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.logs = EventLog()
+        self.resolver = Resolver(
+            config.dns.nameservers,
+            timeout=config.dns.timeout,
+            cache_size=config.dns.cache_size,
+            metrics=self.metrics,
+        )
+        self.backend = make_backend(config.backend, config, self.metrics)
+        self._quarantine_backends: dict[str, Backend] = {}
+        self.tls_context = (
+            make_tls_context(str(config.path(config.tls.cert)), str(config.path(config.tls.key)), config.tls.min_version)
+            if config.tls.cert is not None and config.tls.key is not None
+            else None
+        )
+        self._trusted_proxies = [
+            ipaddress.ip_network(n, strict=False) for n in config.proxy_protocol.trusted_networks
+        ]
+        self.checks: list[Check] = self.build_checks()
+        self.pipeline = Pipeline(
+            self.checks, self.metrics, timeout=config.check_timeout, on_error=config.on_check_error
+        )
+        self.connections: set[InboundSMTP] = set()
+        self.draining = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._ready_cache: tuple[float, str | None] = (0.0, "not started")
+
+    def build_checks(self) -> list[Check]:
+        """The checks in pipeline order: core policy first."""
+        return [RelayCheck(self.config.relay_domains), LimitsCheck(self.config.limits)]
+
+    # -- connections ----------------------------------------------------------
+
+    def proxy_timeout_for(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> float | None:
+        """The PROXY header timeout for a peer we trust to send one; None for everyone else."""
+        if any(ip in net for net in self._trusted_proxies):
+            return self.config.proxy_protocol.timeout
+        return None
+
+    def admit(self, conn: InboundSMTP) -> bool:
+        """Count a new connection in, unless we are at the limit or draining."""
+        if self.draining or len(self.connections) >= self.config.limits.max_connections:
+            return False
+        self.connections.add(conn)
+        self.metrics.connections_active.set(len(self.connections))
+        return True
+
+    def release(self, conn: InboundSMTP) -> None:
+        """A connection ended."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.metrics.connections_active.set(len(self.connections))
+            facts = conn.conn.session if conn.conn else None
+            if facts is not None:
+                self.metrics.connections.labels("tls" if facts.tls else "plain").inc()
+                self.metrics.connection_duration.observe(time.monotonic() - facts.started)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background task, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def start_rdns(self, session: Session) -> None:
+        """Look up the client's verified reverse name in the background (used in Received and rules)."""
+        if not self.config.dns.reverse_lookup:
+            return
+
+        async def lookup() -> None:
+            session.rdns = await self.resolver.reverse_name(session.client_address)
+
+        task = asyncio.get_running_loop().create_task(lookup())
+        session.extras["rdns_task"] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def reload(self) -> None:
+        """SIGHUP: reload what can change without a restart (rules, TLS certificate)."""
+        if self.tls_context is not None and self.config.tls.cert is not None and self.config.tls.key is not None:
+            try:
+                self.tls_context.load_cert_chain(
+                    str(self.config.path(self.config.tls.cert)), str(self.config.path(self.config.tls.key))
+                )
+                log.info("TLS certificate reloaded")
+            except (OSError, ValueError) as err:
+                log.error("TLS certificate reload failed, keeping the old one: %s", err)
+
+    # -- delivery -------------------------------------------------------------
+
+    async def quarantine(self, destination: str, session: Session, txn: Transaction, message: bytes) -> Reply:
+        """Deliver a quarantined message to its own destination (maildir:PATH or smtp://)."""
+        backend = self._quarantine_backends.get(destination)
+        if backend is None:
+            backend = make_backend(destination, self.config, self.metrics)
+            self._quarantine_backends[destination] = backend
+        facts = ClientFacts(session.client_address, session.helo, session.rdns, session.esmtp)
+        begun = await backend.begin(facts, frozenset())
+        if isinstance(begun, Reply):
+            return begun
+        btx: BackendTransaction = begun
+        try:
+            reply = await btx.mail(txn.mail_from, [])
+            if not reply.is_positive:
+                return reply if reply.is_transient else Reply(451, "4.3.0", "Quarantine refused the message")
+            for rcpt in txn.recipients:
+                reply = await btx.rcpt(rcpt.address, [])
+                if not reply.is_positive:
+                    return Reply(451, "4.3.0", "Quarantine refused a recipient")
+            reply = await btx.data(message)
+            return reply if reply.is_positive or reply.is_transient else Reply(451, "4.3.0", "Quarantine failed")
+        finally:
+            await btx.finish()
+
+    async def readiness(self) -> str | None:
+        """None when listening and the backend answers; else why not (cached one second)."""
+        if self._server is None or not self._server.is_serving():
+            return "not listening"
+        now = time.monotonic()
+        if now - self._ready_cache[0] < 1.0:
+            return self._ready_cache[1]
+        problem = await self.backend.probe()
+        self._ready_cache = (now, problem)
+        return problem
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the SMTP and metrics ports and start serving."""
+        loop = asyncio.get_running_loop()
+        addr = self.config.listen_address
+        self._server = await loop.create_server(
+            lambda: InboundSMTP(self),
+            host=addr.host,
+            port=addr.port,
+            family=socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self._ready_cache = (0.0, None)
+        maddr = self.config.metrics_address
+        if maddr is not None:
+            self._metrics_server = MetricsServer(self.metrics.registry, self.readiness, maddr.host, maddr.port)
+            await self._metrics_server.start()
+        self._housekeeping = loop.create_task(self._housekeep())
+        log.info("listening", extra={"fields": {"listen": str(self.listen_port_address), "backend": self.config.backend}})
+
+    @property
+    def listen_port_address(self) -> tuple[str, int]:
+        """The bound (host, port) of the SMTP listener (useful with port 0)."""
+        assert self._server is not None
+        name = self._server.sockets[0].getsockname()
+        return str(name[0]), int(name[1])
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound metrics port, None when disabled."""
+        return self._metrics_server.port if self._metrics_server else None
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            try:
+                await self.backend.sweep()
+            except Exception:
+                log.exception("backend housekeeping failed")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let transactions in flight finish within ``grace`` seconds, close the rest."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.conn is not None and conn.conn.txn is None and not conn.conn.busy:
+                await _say_goodbye(conn)
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            for conn in list(self.connections):
+                if conn.conn is not None and conn.conn.txn is None and not conn.conn.busy:
+                    await _say_goodbye(conn)
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        await asyncio.sleep(0)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        await self.backend.close()
+        for backend in self._quarantine_backends.values():
+            await backend.close()
+        await self.resolver.close()
+
+
+async def _say_goodbye(conn: InboundSMTP) -> None:
+    transport = conn.transport
+    if transport is None or transport.is_closing():
+        return
+    transport.write(b"421 4.3.2 Service shutting down, please try again later\r\n")  # type: ignore[attr-defined]
+    transport.close()

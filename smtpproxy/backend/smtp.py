@@ -1,0 +1,388 @@
+"""The SMTP backend: pooled aiosmtplib connections, one per transaction at a time.
+
+A connection is taken from the pool at MAIL and given back after the
+transaction (RSET when it ended early). Every command has a timeout; every
+transport failure becomes a 4xx reply for the client and the connection is
+thrown away, never reused in an unknown state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+
+import aiosmtplib
+from aiosmtplib.errors import (
+    SMTPConnectResponseError,
+    SMTPConnectTimeoutError,
+    SMTPDataError,
+    SMTPException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from smtpproxy.addresses import parse_hostport
+from smtpproxy.backend import (
+    BUSY,
+    DROPPED,
+    GARBLED,
+    TIMED_OUT,
+    TLS_FAILED,
+    UNREACHABLE,
+    ClientFacts,
+)
+from smtpproxy.config import BackendOptions
+from smtpproxy.metrics import Metrics
+from smtpproxy.verdict import Reply
+
+log = logging.getLogger("smtpproxy.backend")
+
+# A pooled connection idle longer than this gets a NOOP before reuse, so a
+# backend that closed it meanwhile costs a reconnect, not a failed transaction.
+NOOP_AFTER = 2.0
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext, as XCLIENT and XFORWARD attribute values require."""
+    out = []
+    for byte in value.encode("utf-8", "surrogateescape"):
+        if 33 <= byte <= 126 and byte not in (ord("+"), ord("=")):
+            out.append(chr(byte))
+        else:
+            out.append(f"+{byte:02X}")
+    return "".join(out)
+
+
+def _failure(err: BaseException) -> tuple[str, Reply]:
+    """Classify a transport failure: (metrics kind, reply for the client)."""
+    if isinstance(err, SMTPConnectTimeoutError):
+        return "connect", UNREACHABLE
+    if isinstance(err, SMTPTimeoutError | TimeoutError):
+        return "timeout", TIMED_OUT
+    if isinstance(err, ssl.SSLError):
+        return "tls", TLS_FAILED
+    if isinstance(err, SMTPServerDisconnected | ConnectionError):
+        return "disconnected", DROPPED
+    return "protocol", GARBLED
+
+
+class _Connection:
+    """One backend SMTP session and when it was last used."""
+
+    def __init__(self, client: aiosmtplib.SMTP) -> None:
+        self.client = client
+        self.idle_since = time.monotonic()
+        self.transactions = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.client.is_connected
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # closing a dead transport must never raise into a session
+            log.debug("error closing backend connection", exc_info=True)
+
+
+class SmtpTransaction:
+    """One envelope relayed over a pooled connection."""
+
+    def __init__(self, backend: SmtpBackend, conn: _Connection, client: ClientFacts, reused: bool) -> None:
+        self.backend = backend
+        self.conn = conn
+        self.client = client
+        self.reused = reused
+        self.broken = False
+        self.state = "new"  # new -> mail -> data -> done
+
+    async def _command(self, name: str, *args: bytes, timeout: float | None = None) -> Reply:
+        opts = self.backend.options
+        started = time.perf_counter()
+        try:
+            response = await self.conn.client.execute_command(*args, timeout=timeout or opts.command_timeout)
+        except (SMTPException, OSError, ValueError) as err:
+            return self._broke(name, err)
+        finally:
+            self.backend.metrics.backend_latency.labels(name).observe(time.perf_counter() - started)
+        return self._reply(name, response.code, response.message)
+
+    def _reply(self, name: str, code: int, message: str) -> Reply:
+        if not 200 <= code <= 599:
+            self.broken = True
+            self.backend.metrics.backend_errors.labels("protocol").inc()
+            return GARBLED
+        reply = Reply.parse(code, message)
+        self.backend.metrics.backend_replies.labels(name, reply.klass).inc()
+        if code == 421:
+            # The backend is closing its side: the transaction cannot go on.
+            # A 421 passed through would close the *client's* connection, so
+            # answer for this transaction only.
+            self.broken = True
+            return Reply(451, "4.3.0", f"Backend not available: {reply.text}"[:200])
+        return reply
+
+    def _broke(self, name: str, err: BaseException) -> Reply:
+        kind, reply = _failure(err)
+        self.broken = True
+        self.backend.metrics.backend_errors.labels(kind).inc()
+        log.warning("backend %s failed: %s: %s", name, type(err).__name__, err)
+        return reply
+
+    async def mail(self, sender: str, params: list[str]) -> Reply:
+        """MAIL FROM, preceded by XFORWARD when configured and offered."""
+        self.state = "mail"
+        client = self.conn.client
+        if self.backend.options.forward_client == "xforward" and client.supports_extension("xforward"):
+            attrs = [f"ADDR={xtext(self.client.ip)}", f"PROTO={'ESMTP' if self.client.esmtp else 'SMTP'}"]
+            attrs.append(f"NAME={xtext(self.client.rdns) if self.client.rdns else '[UNAVAILABLE]'}")
+            if self.client.helo:
+                attrs.append(f"HELO={xtext(self.client.helo)}")
+            reply = await self._command("xforward", b"XFORWARD", *(a.encode() for a in attrs))
+            if not reply.is_positive:
+                return reply if reply.is_transient else Reply(451, "4.3.0", "Backend refused XFORWARD")
+        addr = f"FROM:<{sender}>".encode("utf-8", "surrogateescape")
+        return await self._command("mail", b"MAIL", addr, *(p.encode("ascii", "replace") for p in params))
+
+    async def rcpt(self, recipient: str, params: list[str]) -> Reply:
+        """RCPT TO, the backend's own reply."""
+        addr = f"TO:<{recipient}>".encode("utf-8", "surrogateescape")
+        return await self._command("rcpt", b"RCPT", addr, *(p.encode("ascii", "replace") for p in params))
+
+    async def data(self, message: bytes) -> Reply:
+        """DATA and the content; the backend's final reply, or a 4xx when we never got it.
+
+        aiosmtplib dot-stuffs and turns bare CR/LF into CRLF (what Postfix's
+        ``smtpd_forbid_bare_newline = normalize`` does): a message cannot smuggle
+        an end-of-data marker the backend would read differently from us.
+        """
+        self.state = "data"
+        opts = self.backend.options
+        started = time.perf_counter()
+        try:
+            response = await self.conn.client.data(message, timeout=opts.data_timeout)
+        except SMTPDataError as err:
+            self.state = "done"
+            return self._reply("data", err.code, err.message)
+        except (SMTPException, OSError, ValueError) as err:
+            return self._broke("data", err)
+        finally:
+            self.backend.metrics.backend_latency.labels("data").observe(time.perf_counter() - started)
+        self.state = "done"
+        self.conn.transactions += 1
+        return self._reply("data", response.code, response.message)
+
+    async def finish(self) -> None:
+        """Give the connection back (RSET first when the transaction did not complete)."""
+        if self.broken or self.state == "data":
+            self.backend.discard(self.conn)
+            return
+        if self.state == "mail":
+            reply = await self._command("rset", b"RSET")
+            if not reply.is_positive:
+                self.backend.discard(self.conn)
+                return
+        self.backend.release(self.conn)
+
+
+class SmtpBackend:
+    """A pool of connections to one SMTP (or SMTPS) backend."""
+
+    def __init__(self, url: str, options: BackendOptions, hostname: str, metrics: Metrics) -> None:
+        self.implicit_tls = url.startswith("smtps://")
+        target = parse_hostport(url.split("://", 1)[1].rstrip("/"))
+        self.host, self.port = target.host, target.port
+        self.options = options
+        self.helo_name = options.helo_name or hostname
+        self.metrics = metrics
+        self._idle: deque[_Connection] = deque()
+        self._open = 0
+        self._slots = asyncio.Semaphore(options.pool_size)
+        self._tls_context = ssl.create_default_context()
+        if not options.tls_verify:
+            self._tls_context.check_hostname = False
+            self._tls_context.verify_mode = ssl.CERT_NONE
+
+    def _gauge(self) -> None:
+        self.metrics.backend_pool_size.set(self._open)
+        self.metrics.backend_pool_in_use.set(self._open - len(self._idle))
+
+    async def _connect(self) -> _Connection:
+        opts = self.options
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            use_tls=self.implicit_tls,
+            start_tls=False,
+            tls_context=self._tls_context,
+            local_hostname=self.helo_name,
+            timeout=opts.connect_timeout,
+        )
+        try:
+            await client.connect()
+            await client.ehlo(timeout=opts.command_timeout)
+            if opts.starttls and not self.implicit_tls and client.supports_extension("starttls"):
+                await client.starttls(tls_context=self._tls_context, timeout=opts.command_timeout)
+                await client.ehlo(timeout=opts.command_timeout)
+        except BaseException:
+            client.close()
+            raise
+        self.metrics.backend_up.set(1)
+        return _Connection(client)
+
+    async def _xclient(self, conn: _Connection, facts: ClientFacts) -> None:
+        """XCLIENT makes the backend see the original client; it answers a new greeting."""
+        attrs = [f"ADDR={xtext(facts.ip)}", f"PROTO={'ESMTP' if facts.esmtp else 'SMTP'}"]
+        attrs.append(f"NAME={xtext(facts.rdns) if facts.rdns else '[UNAVAILABLE]'}")
+        if facts.helo:
+            attrs.append(f"HELO={xtext(facts.helo)}")
+        response = await conn.client.execute_command(
+            b"XCLIENT", *(a.encode() for a in attrs), timeout=self.options.command_timeout
+        )
+        if response.code != 220:
+            raise SMTPException(f"XCLIENT refused: {response.code} {response.message}")
+        await conn.client.ehlo(timeout=self.options.command_timeout)
+
+    async def begin(self, client: ClientFacts, needs: frozenset[str]) -> SmtpTransaction | Reply:
+        """A connection ready for MAIL, or the 4xx reply for the client."""
+        try:
+            async with asyncio.timeout(self.options.connect_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            self.metrics.backend_errors.labels("pool_exhausted").inc()
+            return BUSY
+        try:
+            conn, reused = await self._take()
+            if self.options.forward_client == "xclient" and conn.client.supports_extension("xclient"):
+                try:
+                    await self._xclient(conn, client)
+                except BaseException:
+                    self._open -= 1
+                    conn.close()
+                    raise
+        except BaseException as err:
+            self._slots.release()
+            self._gauge()
+            if not isinstance(err, Exception):
+                raise
+            kind, _ = _failure(err)
+            reply = TLS_FAILED if kind == "tls" else UNREACHABLE
+            if isinstance(err, SMTPConnectResponseError):
+                reply = Reply(451, "4.4.1", "Backend mail server refused the connection, please try again later")
+            self.metrics.backend_errors.labels("tls" if kind == "tls" else "connect").inc()
+            self.metrics.backend_up.set(0)
+            log.warning("backend %s:%d unavailable: %s: %s", self.host, self.port, type(err).__name__, err)
+            return reply
+        self._gauge()
+        problem = self._unsupported(conn, needs)
+        if problem is not None:
+            self.release(conn)
+            return problem
+        return SmtpTransaction(self, conn, client, reused)
+
+    def _unsupported(self, conn: _Connection, needs: frozenset[str]) -> Reply | None:
+        # Forwarding 8-bit or UTF-8 content to a backend that does not accept it
+        # would corrupt it: refuse instead (RFC 6152, RFC 6531).
+        if "SMTPUTF8" in needs and not conn.client.supports_extension("smtputf8"):
+            return Reply(553, "5.6.7", "SMTPUTF8 is not supported by the destination mail server")
+        if "8BITMIME" in needs and not conn.client.supports_extension("8bitmime"):
+            return Reply(554, "5.6.3", "8-bit content is not supported by the destination mail server")
+        return None
+
+    async def _take(self) -> tuple[_Connection, bool]:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.alive and now - conn.idle_since < self.options.pool_idle_timeout:
+                if now - conn.idle_since < NOOP_AFTER or await self._still_there(conn):
+                    return conn, True
+            self._open -= 1
+            conn.close()
+        conn = await self._connect()
+        self._open += 1
+        return conn, False
+
+    async def _still_there(self, conn: _Connection) -> bool:
+        """NOOP a connection that sat idle: backends time out idle clients."""
+        try:
+            response = await conn.client.execute_command(b"NOOP", timeout=self.options.command_timeout)
+        except (SMTPException, OSError):
+            return False
+        return response.code == 250
+
+    def supports(self, extension: str) -> bool | None:
+        """Whether an idle pooled connection advertises ``extension`` (None: none open)."""
+        for conn in self._idle:
+            return conn.client.supports_extension(extension)
+        return None
+
+    def release(self, conn: _Connection) -> None:
+        """Put a healthy connection back for the next transaction."""
+        conn.idle_since = time.monotonic()
+        if conn.alive:
+            self._idle.append(conn)
+        else:
+            self._open -= 1
+        self._slots.release()
+        self._gauge()
+
+    def discard(self, conn: _Connection) -> None:
+        """Throw away a connection in an unknown state."""
+        conn.close()
+        self._open -= 1
+        self._slots.release()
+        self._gauge()
+
+    async def probe(self) -> str | None:
+        """Connect, read the greeting, QUIT: None when that works."""
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            use_tls=self.implicit_tls,
+            start_tls=False,
+            tls_context=self._tls_context,
+            local_hostname=self.helo_name,
+            timeout=min(self.options.connect_timeout, 5.0),
+        )
+        try:
+            await client.connect()
+            await client.quit()
+        except (SMTPException, OSError) as err:
+            self.metrics.backend_up.set(0)
+            return f"backend {self.host}:{self.port}: {type(err).__name__}: {err}"
+        finally:
+            client.close()
+        self.metrics.backend_up.set(1)
+        return None
+
+    async def sweep(self) -> None:
+        """Close idle connections past ``pool_idle_timeout`` (politely, with QUIT)."""
+        now = time.monotonic()
+        keep: deque[_Connection] = deque()
+        stale: list[_Connection] = []
+        for conn in self._idle:
+            if conn.alive and now - conn.idle_since < self.options.pool_idle_timeout:
+                keep.append(conn)
+            else:
+                stale.append(conn)
+        self._idle = keep
+        self._open -= len(stale)
+        self._gauge()
+        for conn in stale:
+            if conn.alive:
+                try:
+                    await conn.client.quit(timeout=2.0)
+                except (SMTPException, OSError):
+                    pass
+            conn.close()
+
+    async def close(self) -> None:
+        """Close every idle connection."""
+        for conn in self._idle:
+            conn.close()
+        self._open -= len(self._idle)
+        self._idle.clear()
+        self._gauge()

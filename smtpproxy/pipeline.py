@@ -1,0 +1,174 @@
+"""The milter-style stage runner: run the checks of a stage in order, combine their verdicts.
+
+Rules of combination: checks run in declared order (``after`` dependencies
+respected); a ``CheckResult`` is recorded; a ``Verdict``'s score adds up and its
+header edits collect; the first terminal verdict ends the stage. A check that
+raises or times out becomes a tempfail (451 4.3.0) by default, never a silent
+pass and never a 5xx caused by our own bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from smtpproxy.metrics import Metrics
+from smtpproxy.session import CheckResult, Recipient, Session, Transaction
+from smtpproxy.stages import Check, CheckOutcome, Stage
+from smtpproxy.verdict import Action, Reply, StageOutcome, Verdict
+
+log = logging.getLogger("smtpproxy.pipeline")
+
+INTERNAL_ERROR = Reply(451, "4.3.0", "Temporary internal error, please try again later")
+
+
+def order_checks(checks: list[Check]) -> list[Check]:
+    """Stable topological order by ``after``; unknown names in ``after`` are ignored."""
+    by_name = {c.name: c for c in checks}
+    ordered: list[Check] = []
+    visiting: set[str] = set()
+    done: set[str] = set()
+
+    def visit(check: Check) -> None:
+        if check.name in done:
+            return
+        if check.name in visiting:
+            raise ValueError(f"checks depend on each other in a cycle through {check.name!r}")
+        visiting.add(check.name)
+        for dep in check.after:
+            if dep in by_name:
+                visit(by_name[dep])
+        visiting.discard(check.name)
+        done.add(check.name)
+        ordered.append(check)
+
+    for c in checks:
+        visit(c)
+    return ordered
+
+
+class Pipeline:
+    """Runs the registered checks of each stage; built once per App."""
+
+    def __init__(
+        self, checks: list[Check], metrics: Metrics, *, timeout: float = 20.0, on_error: str = "tempfail"
+    ) -> None:
+        self.checks = order_checks(checks)
+        self.metrics = metrics
+        self.timeout = timeout
+        self.on_error = on_error
+        self._by_stage = {stage: [c for c in self.checks if c.handles(stage)] for stage in Stage}
+        self._stage_hist = {stage: metrics.stage_duration.labels(stage.value) for stage in Stage}
+        self._check_hist = {c.name: metrics.check_duration.labels(c.name) for c in self.checks}
+
+    def checks_for(self, stage: Stage) -> list[Check]:
+        """The checks that run at ``stage``, in order."""
+        return self._by_stage[stage]
+
+    async def run(
+        self,
+        stage: Stage,
+        session: Session,
+        txn: Transaction | None = None,
+        rcpt: Recipient | None = None,
+    ) -> StageOutcome:
+        """Run every check of ``stage``; return the combined outcome."""
+        outcome = StageOutcome()
+        checks = self._by_stage[stage]
+        if not checks:
+            return outcome
+        if session.extras.get("accepted_by") or (txn is not None and txn.extras.get("accepted_by")):
+            # An ACCEPT (allow-list) earlier in the session or transaction skips policy.
+            return outcome
+        started = time.perf_counter()
+        try:
+            for check in checks:
+                result = await self._call(check, stage, session, txn, rcpt)
+                if result is None:
+                    continue
+                if isinstance(result, CheckResult):
+                    if txn is not None:
+                        txn.add_result(result)
+                    else:
+                        session.extras.setdefault("results", {})[result.check] = result
+                    continue
+                if self._merge(outcome, result, check.name, session, txn, stage):
+                    break
+        finally:
+            self._stage_hist[stage].observe(time.perf_counter() - started)
+        return outcome
+
+    def _merge(
+        self,
+        outcome: StageOutcome,
+        verdict: Verdict,
+        name: str,
+        session: Session,
+        txn: Transaction | None,
+        stage: Stage,
+    ) -> bool:
+        """Fold one verdict into the outcome; True when the stage ends here."""
+        outcome.header_edits.extend(verdict.header_edits)
+        outcome.score += verdict.score
+        if txn is not None and verdict.score:
+            txn.score += verdict.score
+        if not verdict.is_terminal:
+            outcome.reasons.extend(verdict.reasons)
+            return False
+        outcome.action = verdict.action
+        outcome.reply = verdict.reply
+        outcome.reasons.extend(verdict.reasons or (name,))
+        outcome.decided_by = (verdict.reasons or (name,))[0]
+        outcome.disconnect = verdict.disconnect
+        outcome.quarantine_to = verdict.quarantine_to
+        if verdict.action is Action.ACCEPT:
+            if stage in (Stage.CONNECT, Stage.HELO) or txn is None:
+                session.extras["accepted_by"] = outcome.decided_by
+            else:
+                txn.extras["accepted_by"] = outcome.decided_by
+        return True
+
+    async def _call(
+        self, check: Check, stage: Stage, session: Session, txn: Transaction | None, rcpt: Recipient | None
+    ) -> CheckOutcome:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                if stage is Stage.CONNECT:
+                    return await check.connect(session)
+                if stage is Stage.HELO:
+                    return await check.helo(session)
+                if stage is Stage.DISCONNECT:
+                    await check.disconnect(session)
+                    return None
+                assert txn is not None
+                if stage is Stage.MAIL:
+                    return await check.mail(session, txn)
+                if stage is Stage.RCPT:
+                    assert rcpt is not None
+                    return await check.rcpt(session, txn, rcpt)
+                return await check.data(session, txn)
+        except TimeoutError:
+            return self._failed(check, "timeout", session, txn)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "check %s failed at %s (session %s, transaction %s)",
+                check.name,
+                stage.value,
+                session.id,
+                txn.id if txn else "-",
+            )
+            return self._failed(check, "error", session, txn)
+        finally:
+            self._check_hist[check.name].observe(time.perf_counter() - started)
+
+    def _failed(self, check: Check, kind: str, session: Session, txn: Transaction | None) -> Verdict | None:
+        self.metrics.check_errors.labels(check.name, kind).inc()
+        if kind == "timeout":
+            log.warning("check %s timed out (session %s)", check.name, session.id)
+        if self.on_error == "continue":
+            return None
+        return Verdict(Action.TEMPFAIL, INTERNAL_ERROR, reasons=(f"{check.name}_{kind}",))

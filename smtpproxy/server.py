@@ -1,0 +1,296 @@
+"""Inbound SMTP on aiosmtpd: connect stage, PROXY protocol, TLS facts, timeouts, reply codes.
+
+aiosmtpd has no connect hook and answers some errors without enhanced
+status codes; this subclass adds both, makes the idle timeout answer
+``421 4.4.2``, offers only the extensions we honour, and turns an unexpected
+exception into ``451 4.3.0`` (a bug of ours must never become a bounce).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.proxy_protocol import ProxyData
+from aiosmtpd.smtp import SMTP
+
+from smtpproxy.handler import ConnectionHandler
+from smtpproxy.pipeline import INTERNAL_ERROR
+from smtpproxy.session import Session, TlsInfo, new_id
+from smtpproxy.stages import Stage
+from smtpproxy.verdict import Action, Reply
+
+if TYPE_CHECKING:
+    from smtpproxy.app import App
+
+log = logging.getLogger("smtpproxy.server")
+
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+# Enhanced codes (RFC 3463) for the replies aiosmtpd writes itself.
+_ENHANCED_FOR = {
+    "221": "2.0.0",
+    "421": "4.7.0",
+    "451": "4.3.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "550": "5.7.1",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+    "555": "5.5.4",
+}
+_ERROR_KINDS = {"500": "syntax", "501": "syntax", "502": "syntax", "503": "sequence", "555": "syntax"}
+
+
+def with_enhanced_code(status: str) -> str:
+    """Add an RFC 3463 enhanced code to a one-line reply that lacks one."""
+    if len(status) < 4 or status[3] != " " or _HAS_ENHANCED.match(status):
+        return status
+    code = status[:3]
+    enhanced = _ENHANCED_FOR.get(code)
+    if enhanced is None:
+        return status
+    return f"{code} {enhanced} {status[4:]}"
+
+
+class InboundSMTP(SMTP):
+    """One client connection (aiosmtpd creates one protocol object per connection)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        cfg = app.config
+        self.line_length_limit = cfg.limits.max_line_length + 2
+        self.session_facts: Session | None = None
+        self.conn: ConnectionHandler | None = None
+        self._closing_reply: str | None = None
+        super().__init__(
+            _HandlerShim(self),
+            data_size_limit=cfg.limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=cfg.hostname,
+            ident="ESMTP smtpproxy",
+            tls_context=app.tls_context,
+            timeout=cfg.limits.idle_timeout,
+            auth_require_tls=True,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            loop=asyncio.get_running_loop(),
+        )
+
+    # -- connection lifecycle -----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.session_facts is not None:
+            # STARTTLS: aiosmtpd calls us again with the TLS transport.
+            super().connection_made(transport)
+            self._after_starttls(transport)
+            return
+        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        sock = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
+        ip = ipaddress.ip_address(peer[0].split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        self.session_facts = Session(new_id(), ip, int(peer[1]), str(sock[0]), int(sock[1]))
+        self.conn = ConnectionHandler(self.app, self.session_facts)
+        self._proxy_timeout = self.app.proxy_timeout_for(ip)
+        if not self.app.admit(self):
+            self.session_facts = None
+            transport.write(b"421 4.7.0 Too many connections, please try again later\r\n")
+            transport.close()
+            self.app.metrics.connections_rejected.labels("max_connections").inc()
+            return
+        super().connection_made(transport)
+        self.app.logs.connection_open(self.session_facts)
+
+    def _after_starttls(self, transport: asyncio.BaseTransport) -> None:
+        assert self.session_facts is not None
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            name, _version, bits = ssl_object.cipher() or ("unknown", "", 0)
+            self.session_facts.tls = TlsInfo(ssl_object.version() or "TLS", name, int(bits or 0))
+        # RFC 3207 §4.2: forget what the client said before TLS.
+        self.session_facts.helo = None
+        self.session_facts.esmtp = False
+
+    def connection_lost(self, error: Exception | None) -> None:
+        facts = self.session_facts
+        if facts is None:
+            return  # refused before it started
+        super().connection_lost(error)
+        self.session_facts = None
+        self.app.release(self)
+        if self.conn is not None:
+            self.app.spawn(self.conn.connection_lost())
+        self.app.logs.connection_closed(facts)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = self.loop.time()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        idle = self.app.config.limits.idle_timeout
+        elapsed = self.loop.time() - getattr(self, "_last_activity", 0.0)
+        busy = self.conn is not None and self.conn.busy
+        if busy or elapsed < idle:
+            self._reset_timeout(idle if busy else max(idle - elapsed, 0.05))
+            return
+        self.app.metrics.protocol_errors.labels("timeout").inc()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())  # type: ignore[attr-defined]
+        super()._timeout_cb()
+
+    async def _handle_client(self) -> None:
+        if self._proxy_timeout is None and not await self.connect_stage():
+            return
+        await super()._handle_client()
+
+    async def handle_proxy(self, proxy: ProxyData) -> bool:
+        """A valid PROXY header from a trusted balancer: the real client is the source address."""
+        assert self.session_facts is not None
+        if not proxy.valid:
+            self.app.metrics.protocol_errors.labels("bad_proxy").inc()
+            return False
+        if proxy.src_addr is not None:
+            ip = ipaddress.ip_address(proxy.src_addr)
+            self.session_facts.client_ip = ip
+            self.session_facts.client_port = int(proxy.src_port or 0)
+            self.session_facts.proxied = True
+        return await self.connect_stage()
+
+    async def connect_stage(self) -> bool:
+        """Run connect checks before the banner; False when the client was turned away."""
+        assert self.session_facts is not None
+        self.app.start_rdns(self.session_facts)
+        outcome = await self.app.pipeline.run(Stage.CONNECT, self.session_facts)
+        if outcome.action in (Action.REJECT, Action.TEMPFAIL):
+            reply = outcome.reply or Reply(554, "5.7.1", "Connection refused by policy")
+            self.app.metrics.connections_rejected.labels(outcome.decided_by or "policy").inc()
+            await self.push(reply.render())
+            if self.transport is not None:
+                self.transport.close()
+            return False
+        return True
+
+    # -- replies ------------------------------------------------------------
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = with_enhanced_code(status)
+            kind = _ERROR_KINDS.get(status[:3])
+            if kind is not None and self.session_facts is not None:
+                self.session_facts.errors += 1
+                self.app.metrics.protocol_errors.labels(kind).inc()
+        await super().push(status)
+        if self.conn is not None and self.conn.close_after_reply and self.transport is not None:
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """An unexpected exception of ours: 451 4.3.0, logged with the ids."""
+        facts = self.session_facts
+        txn = self.conn.txn if self.conn else None
+        log.error(
+            "internal error (session %s, transaction %s)",
+            facts.id if facts else "-",
+            txn.id if txn else "-",
+            exc_info=error,
+        )
+        self.app.metrics.protocol_errors.labels("internal").inc()
+        if self.conn is not None and self.conn.txn is not None:
+            await self.conn.end_transaction("tempfailed", "internal", "internal_error", INTERNAL_ERROR)
+            self._set_rset_state()
+        return INTERNAL_ERROR.render()
+
+    def ehlo_lines(self) -> list[str]:
+        """The EHLO reply: only extensions we honour end to end."""
+        lines = [
+            f"250-{self.hostname}",
+            "250-PIPELINING",
+            f"250-SIZE {self.data_size_limit}",
+            "250-8BITMIME",
+            "250-SMTPUTF8",
+            "250-ENHANCEDSTATUSCODES",
+        ]
+        if self.tls_context is not None and self._tls_protocol is None:
+            lines.append("250-STARTTLS")
+        lines[-1] = "250 " + lines[-1][4:]
+        return lines
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        """We are an MX: no submission, no AUTH."""
+        await self.push("502 5.5.1 AUTH not supported")
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.conn is not None and self.conn.txn is not None:
+            await self.push("503 5.5.1 STARTTLS not allowed inside a transaction")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        # Marks the connection busy while a hook waits on checks or the backend,
+        # so the idle timer measures the client's silence, not ours.
+        if self.conn is None:
+            return await super()._call_handler_hook(command, *args)
+        self.conn.busy = True
+        try:
+            return await super()._call_handler_hook(command, *args)
+        finally:
+            self.conn.busy = False
+            self._last_activity = self.loop.time()
+
+
+class _HandlerShim:
+    """Routes aiosmtpd's hooks to the connection's handler (which exists once connected)."""
+
+    def __init__(self, server: InboundSMTP) -> None:
+        self._server = server
+
+    def _conn(self) -> ConnectionHandler:
+        assert self._server.conn is not None
+        return self._server.conn
+
+    async def handle_PROXY(self, server: Any, session: Any, envelope: Any, proxy_data: ProxyData) -> bool:
+        return await self._server.handle_proxy(proxy_data)
+
+    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
+        return await self._conn().handle_HELO(server, session, envelope, hostname)
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        return await self._conn().handle_EHLO(server, session, envelope, hostname, responses)
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        return await self._conn().handle_MAIL(server, session, envelope, address, options)
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        return await self._conn().handle_RCPT(server, session, envelope, address, options)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return await self._conn().handle_DATA(server, session, envelope)
+
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        return await self._conn().handle_RSET(server, session, envelope)
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        return await self._conn().handle_QUIT(server, session, envelope)
+
+    def handle_STARTTLS(self, server: Any, session: Any, envelope: Any) -> bool:
+        return True
+
+
+def make_tls_context(cert: str, key: str, min_version: str) -> ssl.SSLContext:
+    """Server TLS context: TLS 1.2+ (or 1.3), the system's default secure ciphers, no client certs."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.check_hostname = False
+    return ctx
