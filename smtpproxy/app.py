@@ -56,7 +56,9 @@ class App:
         self.backend = make_backend(config.backend, config, self.metrics)
         self._quarantine_backends: dict[str, Backend] = {}
         self.tls_context = (
-            make_tls_context(str(config.path(config.tls.cert)), str(config.path(config.tls.key)), config.tls.min_version)
+            make_tls_context(
+                str(config.path(config.tls.cert)), str(config.path(config.tls.key)), config.tls.min_version
+            )
             if config.tls.cert is not None and config.tls.key is not None
             else None
         )
@@ -126,7 +128,11 @@ class App:
 
     def reload(self) -> None:
         """SIGHUP: reload what can change without a restart (rules, TLS certificate)."""
-        if self.tls_context is not None and self.config.tls.cert is not None and self.config.tls.key is not None:
+        if (
+            self.tls_context is not None
+            and self.config.tls.cert is not None
+            and self.config.tls.key is not None
+        ):
             try:
                 self.tls_context.load_cert_chain(
                     str(self.config.path(self.config.tls.cert)), str(self.config.path(self.config.tls.key))
@@ -157,7 +163,9 @@ class App:
                 if not reply.is_positive:
                     return Reply(451, "4.3.0", "Quarantine refused a recipient")
             reply = await btx.data(message)
-            return reply if reply.is_positive or reply.is_transient else Reply(451, "4.3.0", "Quarantine failed")
+            return (
+                reply if reply.is_positive or reply.is_transient else Reply(451, "4.3.0", "Quarantine failed")
+            )
         finally:
             await btx.finish()
 
@@ -189,10 +197,15 @@ class App:
         self._ready_cache = (0.0, None)
         maddr = self.config.metrics_address
         if maddr is not None:
-            self._metrics_server = MetricsServer(self.metrics.registry, self.readiness, maddr.host, maddr.port)
+            self._metrics_server = MetricsServer(
+                self.metrics.registry, self.readiness, maddr.host, maddr.port
+            )
             await self._metrics_server.start()
         self._housekeeping = loop.create_task(self._housekeep())
-        log.info("listening", extra={"fields": {"listen": str(self.listen_port_address), "backend": self.config.backend}})
+        log.info(
+            "listening",
+            extra={"fields": {"listen": str(self.listen_port_address), "backend": self.config.backend}},
+        )
 
     @property
     def listen_port_address(self) -> tuple[str, int]:

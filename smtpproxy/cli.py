@@ -56,11 +56,14 @@ def serve(config: Config) -> int:
     try:
         import uvloop
 
-        runner = uvloop.run
+        return int(uvloop.run(_serve(config)))
     except ImportError:  # uvloop is optional (not on Windows)
-        runner = asyncio.run
+        pass
+    except OSError as err:
+        print(f"error: cannot start: {err}", file=sys.stderr)
+        return EXIT_FAILED
     try:
-        return int(runner(_serve(config)))
+        return int(asyncio.run(_serve(config)))
     except OSError as err:
         print(f"error: cannot start: {err}", file=sys.stderr)
         return EXIT_FAILED

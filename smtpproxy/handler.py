@@ -85,7 +85,8 @@ class ConnectionHandler:
         refused = await self._helo(session, hostname, esmtp=True)
         if refused:
             return [refused]
-        return server.ehlo_lines()
+        lines: list[str] = server.ehlo_lines()
+        return lines
 
     async def _helo(self, aio_session: Any, hostname: str, *, esmtp: bool) -> str | None:
         if self.txn is not None:
@@ -99,7 +100,9 @@ class ConnectionHandler:
             return self._refuse(outcome)
         return None
 
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         if self.app.draining:
             self.close_after_reply = True
             return SHUTTING_DOWN.render()
@@ -116,7 +119,8 @@ class ConnectionHandler:
             return self._refuse(outcome)
         txn.extras["mail_outcome"] = outcome
         needs = frozenset(
-            n for n, present in (("8BITMIME", "BODY=8BITMIME" in options), ("SMTPUTF8", "SMTPUTF8" in options))
+            n
+            for n, present in (("8BITMIME", "BODY=8BITMIME" in options), ("SMTPUTF8", "SMTPUTF8" in options))
             if present
         )
         begun = await self.app.backend.begin(self._facts(), needs)
@@ -139,7 +143,9 @@ class ConnectionHandler:
         self.app.metrics.messages.labels(action, "mail", reason).inc()
         self.app.logs.transaction(self.session, txn, action, "mail", reason, reply, [])
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         txn, btx = self.txn, self.btx
         if txn is None or btx is None:
             return "503 5.5.1 Error: need MAIL command"
@@ -216,7 +222,10 @@ class ConnectionHandler:
         if action is Action.QUARANTINE and final.quarantine_to:
             reply = await self.app.quarantine(final.quarantine_to, self.session, txn, message)
             await self.end_transaction(
-                "quarantined" if reply.is_positive else "tempfailed", "data", final.decided_by or "quarantine", reply
+                "quarantined" if reply.is_positive else "tempfailed",
+                "data",
+                final.decided_by or "quarantine",
+                reply,
             )
             return reply
         # Shielded: a client vanishing now must not cut the backend off

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
 
 from smtpproxy.session import Session, Transaction
 from smtpproxy.verdict import HeaderEdit, HeaderEditKind
@@ -56,8 +56,10 @@ def received_header(session: Session, txn: Transaction, hostname: str, now: date
     parts = [f"from {helo} ({rdns} [{ip_literal}])", f"by {hostname} (smtpproxy) with {protocol} id {txn.id}"]
     if session.tls is not None:
         t = session.tls
-        parts.append(f"(using {sanitize(t.version)} with cipher {sanitize(t.cipher)} ({t.bits}/{t.bits} bits))")
-    when = format_datetime(now or datetime.now(timezone.utc))
+        parts.append(
+            f"(using {sanitize(t.version)} with cipher {sanitize(t.cipher)} ({t.bits}/{t.bits} bits))"
+        )
+    when = format_datetime(now or datetime.now(UTC))
     if len(txn.recipients) == 1:
         rcpt = sanitize(txn.recipients[0].address, limit=320).replace("<", "").replace(">", "")
         parts.append(f"for <{rcpt}>; {when}")

@@ -7,6 +7,7 @@ justify a web framework, and it runs on the proxy's own event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -56,10 +57,8 @@ class MetricsServer:
             "Connection: close\r\n\r\n".encode()
             + body
         )
-        try:
+        with contextlib.suppress(ConnectionError):
             await writer.drain()
-        except ConnectionError:
-            pass
         writer.close()
 
     async def _respond(self, head: bytes) -> tuple[str, str, bytes]:
@@ -68,11 +67,13 @@ class MetricsServer:
         if len(parts) != 3 or parts[0] not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"only GET\n"
         path = parts[1].split("?", 1)[0]
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)
+        }
         if path == "/metrics":
             accept = headers.get("accept", "")
             if "application/openmetrics-text" in accept:
-                return "200 OK", openmetrics.CONTENT_TYPE_LATEST, openmetrics.generate_latest(self.registry)
+                return "200 OK", openmetrics.CONTENT_TYPE_LATEST, openmetrics.generate_latest(self.registry)  # type: ignore[no-untyped-call]
             return "200 OK", exposition.CONTENT_TYPE_LATEST, exposition.generate_latest(self.registry)
         if path == "/healthz":
             return "200 OK", "text/plain", b"ok\n"

@@ -43,7 +43,9 @@ class TextFormatter(logging.Formatter):
         base = f"{self.formatTime(record)} {record.levelname.lower()} {record.name}: {record.getMessage()}"
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            base += " " + " ".join(f"{k}={json.dumps(v, ensure_ascii=False, default=str)}" for k, v in fields.items())
+            base += " " + " ".join(
+                f"{k}={json.dumps(v, ensure_ascii=False, default=str)}" for k, v in fields.items()
+            )
         if record.exc_info:
             base += "\n" + self.formatException(record.exc_info)
         return base
@@ -106,7 +108,7 @@ class EventLog:
         """The one line per transaction."""
         if not self.txn_log.isEnabledFor(logging.INFO):
             return
-        results = {}
+        results: dict[str, Any] = {}
         for name, value in txn.results.items():
             if isinstance(value, list):
                 results[name] = [r.result for r in value]

@@ -139,7 +139,9 @@ class Metrics:
             "smtpproxy_backend_pool_connections", "Backend connections open (idle and in use).", registry=r
         )
         self.backend_pool_in_use = Gauge(
-            "smtpproxy_backend_pool_in_use", "Backend connections currently lent to a transaction.", registry=r
+            "smtpproxy_backend_pool_in_use",
+            "Backend connections currently lent to a transaction.",
+            registry=r,
         )
         self.backend_up = Gauge(
             "smtpproxy_backend_up", "1 when the last backend connection attempt succeeded.", registry=r
@@ -175,7 +177,10 @@ class Metrics:
 
         # Rate limits
         self.ratelimit_hits = Counter(
-            "smtpproxy_ratelimit_hits", "Requests refused by a rate limit, by limit name.", ["limit"], registry=r
+            "smtpproxy_ratelimit_hits",
+            "Requests refused by a rate limit, by limit name.",
+            ["limit"],
+            registry=r,
         )
         self.ratelimit_store_errors = Counter(
             "smtpproxy_ratelimit_store_errors",

@@ -103,7 +103,7 @@ class InboundSMTP(SMTP):
         self._proxy_timeout = self.app.proxy_timeout_for(ip)
         if not self.app.admit(self):
             self.session_facts = None
-            transport.write(b"421 4.7.0 Too many connections, please try again later\r\n")
+            transport.write(b"421 4.7.0 Too many connections, please try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
             self.app.metrics.connections_rejected.labels("max_connections").inc()
             return
@@ -145,7 +145,7 @@ class InboundSMTP(SMTP):
         self.app.metrics.protocol_errors.labels("timeout").inc()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())  # type: ignore[attr-defined]
-        super()._timeout_cb()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def _handle_client(self) -> None:
         if self._proxy_timeout is None and not await self.connect_stage():
@@ -205,7 +205,7 @@ class InboundSMTP(SMTP):
         self.app.metrics.protocol_errors.labels("internal").inc()
         if self.conn is not None and self.conn.txn is not None:
             await self.conn.end_transaction("tempfailed", "internal", "internal_error", INTERNAL_ERROR)
-            self._set_rset_state()
+            self._set_rset_state()  # type: ignore[no-untyped-call]
         return INTERNAL_ERROR.render()
 
     def ehlo_lines(self) -> list[str]:
@@ -267,10 +267,14 @@ class _HandlerShim:
     ) -> list[str]:
         return await self._conn().handle_EHLO(server, session, envelope, hostname, responses)
 
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         return await self._conn().handle_MAIL(server, session, envelope, address, options)
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         return await self._conn().handle_RCPT(server, session, envelope, address, options)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:

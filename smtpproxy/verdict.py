@@ -104,8 +104,7 @@ class Reply:
             text = message[len(first) + 1 :]
             # Continuation lines repeat the enhanced code; keep it once.
             text = "\n".join(
-                line[len(first) + 1 :] if line.startswith(first + " ") else line
-                for line in text.split("\n")
+                line[len(first) + 1 :] if line.startswith(first + " ") else line for line in text.split("\n")
             )
         text = text.replace("\r", "").replace("\x00", "")
         return cls(code, enhanced, text)

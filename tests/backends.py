@@ -24,7 +24,9 @@ class _Handler:
     def __init__(self, backend: RecordingBackend) -> None:
         self.b = backend
 
-    async def handle_MAIL(self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         self.b.commands.append(f"MAIL {address}")
         if self.b.drop_at == "mail":
             server.transport.close()  # type: ignore[union-attr]
@@ -35,7 +37,9 @@ class _Handler:
         envelope.mail_options.extend(options)
         return "250 2.1.0 Sender ok"
 
-    async def handle_RCPT(self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         self.b.commands.append(f"RCPT {address}")
         if self.b.drop_at == "rcpt":
             server.transport.close()  # type: ignore[union-attr]
@@ -56,7 +60,12 @@ class _Handler:
         if self.b.data_reply:
             return self.b.data_reply
         self.b.messages.append(
-            ReceivedMessage(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content, list(envelope.mail_options))
+            ReceivedMessage(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                list(envelope.mail_options),
+            )
         )
         return f"250 2.0.0 Ok: queued as Q{len(self.b.messages)}"
 

@@ -12,9 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from smtpproxy.app import App  # noqa: E402
-from smtpproxy.config import build_config  # noqa: E402
-from tests.backends import RecordingBackend  # noqa: E402
+from smtpproxy.app import App
+from smtpproxy.config import build_config
+from tests.backends import RecordingBackend
 
 
 @dataclass
@@ -36,7 +36,9 @@ async def backend() -> AsyncIterator[RecordingBackend]:
     await b.stop()
 
 
-def proxy_config(backend_port: int | None, overrides: dict[str, Any], base_dir: Path | None = None) -> dict[str, Any]:
+def proxy_config(
+    backend_port: int | None, overrides: dict[str, Any], base_dir: Path | None = None
+) -> dict[str, Any]:
     """The test defaults for a proxy config, merged with ``overrides`` (one level deep for sections)."""
     data: dict[str, Any] = {
         "listen": "127.0.0.1:0",
@@ -45,7 +47,12 @@ def proxy_config(backend_port: int | None, overrides: dict[str, Any], base_dir: 
         "metrics": "127.0.0.1:0",
         "relay_domains": ["example.org"],
         "dns": {"reverse_lookup": False, "timeout": 0.5, "nameservers": ["127.0.0.1:9"]},
-        "backend_options": {"tls_verify": False, "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0},
+        "backend_options": {
+            "tls_verify": False,
+            "connect_timeout": 2.0,
+            "command_timeout": 5.0,
+            "data_timeout": 5.0,
+        },
         "log": {"level": "warning"},
         "rules": str(base_dir / "no-rules") if base_dir else "no-rules",
     }
@@ -64,7 +71,9 @@ async def start_proxy(
     """Factory: ``await start_proxy({"limits": {...}})`` starts a proxy in front of the ``backend`` fixture."""
     apps: list[App] = []
 
-    async def factory(overrides: dict[str, Any] | None = None, *, backend_port: int | None = None) -> RunningProxy:
+    async def factory(
+        overrides: dict[str, Any] | None = None, *, backend_port: int | None = None
+    ) -> RunningProxy:
         port = backend_port
         if port is None and "backend" in request.fixturenames:
             port = request.getfixturevalue("backend").port

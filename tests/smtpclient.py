@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -45,10 +46,8 @@ class RawClient:
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
 
     async def reply(self) -> SmtpReply:
         """Read one (possibly multi-line) reply; raises ConnectionError when the server closed."""
@@ -85,7 +84,9 @@ class RawClient:
             return True
         return data == b""
 
-    async def send_message(self, mail_from: str, rcpts: list[str], body: bytes, helo: str = "client.test") -> SmtpReply:
+    async def send_message(
+        self, mail_from: str, rcpts: list[str], body: bytes, helo: str = "client.test"
+    ) -> SmtpReply:
         """EHLO (when needed), MAIL, RCPTs, DATA; returns the final reply (or the first failure)."""
         r = await self.cmd(f"EHLO {helo}")
         assert r.code == 250, r

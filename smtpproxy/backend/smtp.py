@@ -9,6 +9,7 @@ thrown away, never reused in an unknown state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -99,11 +100,11 @@ class SmtpTransaction:
         self.broken = False
         self.state = "new"  # new -> mail -> data -> done
 
-    async def _command(self, name: str, *args: bytes, timeout: float | None = None) -> Reply:
+    async def _command(self, name: str, *args: bytes) -> Reply:
         opts = self.backend.options
         started = time.perf_counter()
         try:
-            response = await self.conn.client.execute_command(*args, timeout=timeout or opts.command_timeout)
+            response = await self.conn.client.execute_command(*args, timeout=opts.command_timeout)
         except (SMTPException, OSError, ValueError) as err:
             return self._broke(name, err)
         finally:
@@ -271,7 +272,9 @@ class SmtpBackend:
             kind, _ = _failure(err)
             reply = TLS_FAILED if kind == "tls" else UNREACHABLE
             if isinstance(err, SMTPConnectResponseError):
-                reply = Reply(451, "4.4.1", "Backend mail server refused the connection, please try again later")
+                reply = Reply(
+                    451, "4.4.1", "Backend mail server refused the connection, please try again later"
+                )
             self.metrics.backend_errors.labels("tls" if kind == "tls" else "connect").inc()
             self.metrics.backend_up.set(0)
             log.warning("backend %s:%d unavailable: %s: %s", self.host, self.port, type(err).__name__, err)
@@ -296,9 +299,9 @@ class SmtpBackend:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
-            if conn.alive and now - conn.idle_since < self.options.pool_idle_timeout:
-                if now - conn.idle_since < NOOP_AFTER or await self._still_there(conn):
-                    return conn, True
+            fresh = conn.alive and now - conn.idle_since < self.options.pool_idle_timeout
+            if fresh and (now - conn.idle_since < NOOP_AFTER or await self._still_there(conn)):
+                return conn, True
             self._open -= 1
             conn.close()
         conn = await self._connect()
@@ -373,10 +376,8 @@ class SmtpBackend:
         self._gauge()
         for conn in stale:
             if conn.alive:
-                try:
+                with contextlib.suppress(SMTPException, OSError):
                     await conn.client.quit(timeout=2.0)
-                except (SMTPException, OSError):
-                    pass
             conn.close()
 
     async def close(self) -> None:

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Throughput and added latency of the proxy versus direct-to-sink, in one run.
+
+    .venv/bin/python bench/core_bench.py [--messages 2000] [--sessions 1,20,100] [--rounds 3]
+
+The sink is Postfix's ``smtp-sink`` when installed (else a built-in asyncio
+sink); the load is Postfix's ``smtp-source`` (one new connection per message,
+2 KB messages) when installed, else a built-in async generator. Latency
+percentiles always come from the built-in generator (smtp-source reports
+none). Prints medians over rounds and the proxy/direct ratios, plus the
+proxy's peak RSS with 100 sessions sending 1 MB messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.procs import ProxyProcess, free_port, tool, wait_port  # noqa: E402
+
+BODY_2K = (
+    b"From: a@sender.example\r\nTo: user@example.org\r\nSubject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 25
+)
+
+
+async def _builtin_sink(port: int) -> asyncio.base_events.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink ESMTP\r\n")
+        in_data = False
+        try:
+            while line := await reader.readline():
+                if in_data:
+                    if line == b".\r\n":
+                        in_data = False
+                        writer.write(b"250 2.0.0 Ok\r\n")
+                    continue
+                cmd = line[:4].upper()
+                if cmd == b"EHLO":
+                    writer.write(
+                        b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000\r\n"
+                    )
+                elif cmd == b"DATA":
+                    in_data = True
+                    writer.write(b"354 go\r\n")
+                elif cmd == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    await writer.drain()
+                    break
+                else:
+                    writer.write(b"250 2.0.0 Ok\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+
+
+async def _one_message(port: int, body: bytes) -> float:
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def expect(prefix: bytes) -> None:
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("closed")
+            if line[3:4] != b"-":
+                if not line.startswith(prefix):
+                    raise RuntimeError(line)
+                return
+
+    await expect(b"220")
+    writer.write(b"EHLO bench.test\r\n")
+    await expect(b"250")
+    writer.write(b"MAIL FROM:<a@sender.example>\r\nRCPT TO:<user@example.org>\r\nDATA\r\n")
+    await expect(b"250")
+    await expect(b"250")
+    await expect(b"354")
+    writer.write(body + b".\r\n")
+    await expect(b"250")
+    writer.write(b"QUIT\r\n")
+    await expect(b"221")
+    writer.close()
+    return time.perf_counter() - started
+
+
+async def builtin_load(port: int, messages: int, sessions: int, body: bytes) -> tuple[float, list[float]]:
+    """(messages/s, per-message latencies) with ``sessions`` concurrent clients."""
+    latencies: list[float] = []
+    remaining = messages
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            latencies.append(await _one_message(port, body))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(sessions)))
+    return messages / (time.perf_counter() - started), latencies
+
+
+def smtp_source_load(port: int, messages: int, sessions: int) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [
+            tool("smtp-source"),
+            "-l",
+            "2048",
+            "-m",
+            str(messages),
+            "-s",
+            str(sessions),
+            "-f",
+            "a@sender.example",
+            "-t",
+            "user@example.org",
+            f"127.0.0.1:{port}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=600,
+    )
+    return messages / (time.perf_counter() - started)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--sessions", default="1,20,100")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--config-extra", default="{}", help="JSON merged into the proxy config")
+    args = ap.parse_args()
+    use_postfix = (
+        shutil.which(tool("smtp-sink")) is not None and shutil.which(tool("smtp-source")) is not None
+    )
+    sink_port = free_port()
+    sink_proc = None
+    sink_server = None
+    if use_postfix:
+        sink_proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
+            [tool("smtp-sink"), "-u", "root", "-c", f"127.0.0.1:{sink_port}", "1024"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(sink_port)
+    else:
+        sink_server = await _builtin_sink(sink_port)
+    tmp = Path(tempfile.mkdtemp(prefix="smtpproxy-bench-"))
+    config = {
+        "backend": f"smtp://127.0.0.1:{sink_port}",
+        "relay_domains": ["example.org"],
+        "dns": {"reverse_lookup": False},
+        "log": {"level": "info"},
+        "limits": {"max_connections": 5000},
+        **json.loads(args.config_extra),
+    }
+    proxy = ProxyProcess(tmp, config).start()
+    assert proxy.proc is not None
+    results: dict[str, object] = {"load": "smtp-source" if use_postfix else "builtin", "sessions": {}}
+    try:
+        for sessions in [int(s) for s in args.sessions.split(",")]:
+            direct, via, p50d, p99d, p50p, p99p = [], [], [], [], [], []
+            for _ in range(args.rounds):
+                if use_postfix:
+                    direct.append(
+                        await asyncio.to_thread(smtp_source_load, sink_port, args.messages, sessions)
+                    )
+                    via.append(await asyncio.to_thread(smtp_source_load, proxy.port, args.messages, sessions))
+                else:
+                    direct.append((await builtin_load(sink_port, args.messages, sessions, BODY_2K))[0])
+                    via.append((await builtin_load(proxy.port, args.messages, sessions, BODY_2K))[0])
+                n = min(args.messages, 400)
+                _, lat_d = await builtin_load(sink_port, n, sessions, BODY_2K)
+                _, lat_p = await builtin_load(proxy.port, n, sessions, BODY_2K)
+                p50d.append(pct(lat_d, 0.5))
+                p99d.append(pct(lat_d, 0.99))
+                p50p.append(pct(lat_p, 0.5))
+                p99p.append(pct(lat_p, 0.99))
+            d, p = statistics.median(direct), statistics.median(via)
+            results["sessions"][sessions] = {  # type: ignore[index]
+                "direct_msgs_per_s": round(d, 1),
+                "proxy_msgs_per_s": round(p, 1),
+                "ratio": round(p / d, 3),
+                "added_latency_p50_ms": round((statistics.median(p50p) - statistics.median(p50d)) * 1000, 2),
+                "added_latency_p99_ms": round((statistics.median(p99p) - statistics.median(p99d)) * 1000, 2),
+            }
+            print(json.dumps({sessions: results["sessions"][sessions]}), flush=True)  # type: ignore[index]
+        big = b"From: a@sender.example\r\nSubject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 1048
+        base_rss = peak_rss_kb(proxy.proc.pid)
+        await builtin_load(proxy.port, 200, 100, big)
+        results["peak_rss_mb_100x1MB"] = round(peak_rss_kb(proxy.proc.pid) / 1024, 1)
+        results["rss_before_mb"] = round(base_rss / 1024, 1)
+    finally:
+        proxy.stop()
+        if sink_proc:
+            sink_proc.terminate()
+        if sink_server:
+            sink_server.close()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    asyncio.run(main())

@@ -1,0 +1,170 @@
+"""STARTTLS inbound and to the backend, and the PROXY protocol from trusted balancers only."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.backends import RecordingBackend
+from tests.smtpclient import RawClient, make_message
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_cert(ca: trustme.CA, tmp_path: Path) -> tuple[str, str]:
+    cert = ca.issue_cert("mx.test.example", "127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return str(cert_path), str(key_path)
+
+
+async def _starttls(c: RawClient, ca: trustme.CA) -> None:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    assert c.writer is not None
+    await c.writer.start_tls(ctx, server_hostname="mx.test.example")
+
+
+async def test_starttls_inbound_offered_and_recorded_in_received(
+    backend: RecordingBackend, start_proxy, server_cert: tuple[str, str], ca: trustme.CA
+) -> None:
+    cert, key = server_cert
+    proxy = await start_proxy({"tls": {"cert": cert, "key": key}})
+    async with RawClient(proxy.host, proxy.port) as c:
+        await c.connect()
+        ehlo = await c.cmd("EHLO client.test")
+        assert "STARTTLS" in ehlo.lines
+        assert (await c.cmd("STARTTLS")).code == 220
+        await _starttls(c, ca)
+        ehlo = await c.cmd("EHLO client.test")
+        assert "STARTTLS" not in ehlo.lines
+        assert (await c.send_message("s@sender.example", ["user@example.org"], make_message())).code == 250
+    received = backend.messages[0].content.split(b"\r\nDate:")[0]
+    assert b"with ESMTPS id" in received and b"(using TLSv1." in received
+
+
+async def test_tls_below_1_2_is_refused(
+    backend: RecordingBackend, start_proxy, server_cert: tuple[str, str]
+) -> None:
+    cert, key = server_cert
+    proxy = await start_proxy({"tls": {"cert": cert, "key": key}})
+    async with RawClient(proxy.host, proxy.port) as c:
+        await c.connect()
+        await c.cmd("EHLO client.test")
+        assert (await c.cmd("STARTTLS")).code == 220
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        try:
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        except (ValueError, ssl.SSLError):
+            pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+        assert c.writer is not None
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            await asyncio.wait_for(c.writer.start_tls(ctx, server_hostname="mx.test.example"), 5)
+
+
+async def test_starttls_to_backend_when_offered(
+    start_proxy, server_cert: tuple[str, str], ca: trustme.CA
+) -> None:
+    cert, key = server_cert
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    tls_backend = RecordingBackend(tls_context=ctx)
+    await tls_backend.start()
+    try:
+        proxy = await start_proxy(backend_port=tls_backend.port)
+        async with RawClient(proxy.host, proxy.port) as c:
+            await c.connect()
+            assert (
+                await c.send_message("s@sender.example", ["user@example.org"], make_message())
+            ).code == 250
+        assert len(tls_backend.messages) == 1
+        # The backend session ran over TLS: the pooled connection has an SSL object.
+        conn = proxy.app.backend._idle[0]  # type: ignore[attr-defined]
+        assert conn.client.get_transport_info("sslcontext") is not None
+    finally:
+        await tls_backend.stop()
+
+
+async def test_backend_tls_verify_refuses_untrusted_certificate(
+    start_proxy, server_cert: tuple[str, str]
+) -> None:
+    cert, key = server_cert
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    tls_backend = RecordingBackend(tls_context=ctx)
+    await tls_backend.start()
+    try:
+        proxy = await start_proxy({"backend_options": {"tls_verify": True}}, backend_port=tls_backend.port)
+        async with RawClient(proxy.host, proxy.port) as c:
+            await c.connect()
+            await c.cmd("EHLO client.test")
+            r = await c.cmd("MAIL FROM:<s@sender.example>")
+            assert r.code == 451 and r.text.startswith("4.3.0")
+        assert tls_backend.messages == []
+    finally:
+        await tls_backend.stop()
+
+
+async def test_proxy_protocol_v1_from_trusted_network_sets_client_ip(
+    backend: RecordingBackend, start_proxy
+) -> None:
+    proxy = await start_proxy({"proxy_protocol": {"trusted_networks": ["127.0.0.0/8"]}})
+    async with RawClient(proxy.host, proxy.port) as c:
+        assert c.writer is None
+        c.reader, c.writer = await asyncio.open_connection(proxy.host, proxy.port)
+        await c.send(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 25\r\n")
+        assert (await c.reply()).code == 220
+        assert (await c.send_message("s@sender.example", ["user@example.org"], make_message())).code == 250
+    assert b"[203.0.113.7]" in backend.messages[0].content.split(b"\r\n")[0]
+
+
+async def test_proxy_protocol_v2_from_trusted_network(backend: RecordingBackend, start_proxy) -> None:
+    import socket
+    import struct
+
+    proxy = await start_proxy({"proxy_protocol": {"trusted_networks": ["127.0.0.1/32"]}})
+    sig = b"\r\n\r\n\x00\r\nQUIT\n"
+    addrs = socket.inet_pton(socket.AF_INET6, "2001:db8::5") + socket.inet_pton(
+        socket.AF_INET6, "2001:db8::1"
+    )
+    addrs += struct.pack("!HH", 50000, 25)
+    header = sig + bytes([0x21, 0x21]) + struct.pack("!H", len(addrs)) + addrs
+    async with RawClient(proxy.host, proxy.port) as c:
+        c.reader, c.writer = await asyncio.open_connection(proxy.host, proxy.port)
+        await c.send(header)
+        assert (await c.reply()).code == 220
+        assert (await c.send_message("s@sender.example", ["user@example.org"], make_message())).code == 250
+    assert b"[IPv6:2001:db8::5]" in backend.messages[0].content.split(b"\r\n")[0]
+
+
+async def test_proxy_header_from_untrusted_client_is_not_honoured(
+    backend: RecordingBackend, start_proxy
+) -> None:
+    proxy = await start_proxy({"proxy_protocol": {"trusted_networks": ["192.0.2.0/24"]}})
+    async with RawClient(proxy.host, proxy.port) as c:
+        assert (await c.connect()).code == 220
+        r = await c.cmd("PROXY TCP4 203.0.113.7 192.0.2.1 40000 25")
+        assert r.code == 500
+        assert (await c.send_message("s@sender.example", ["user@example.org"], make_message())).code == 250
+    assert b"[127.0.0.1]" in backend.messages[0].content.split(b"\r\n")[0]
+
+
+async def test_garbage_proxy_header_from_trusted_peer_closes(backend: RecordingBackend, start_proxy) -> None:
+    proxy = await start_proxy({"proxy_protocol": {"trusted_networks": ["127.0.0.0/8"], "timeout": 1.0}})
+    c = RawClient(proxy.host, proxy.port)
+    c.reader, c.writer = await asyncio.open_connection(proxy.host, proxy.port)
+    await c.send(b"HELLO THERE\r\n")
+    assert await c.closed()
+    await c.close()
