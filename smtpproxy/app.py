@@ -15,6 +15,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from smtpproxy.auth.authresults import forged_filter
+from smtpproxy.auth.checks import build_auth_checks
 from smtpproxy.backend import Backend, BackendTransaction, ClientFacts
 from smtpproxy.backend.maildir import MaildirBackend
 from smtpproxy.backend.smtp import SmtpBackend
@@ -25,6 +27,9 @@ from smtpproxy.httpserver import MetricsServer
 from smtpproxy.logs import EventLog
 from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
+from smtpproxy.ratelimit.check import build_ratelimit_checks
+from smtpproxy.ratelimit.session_limits import SessionLimits
+from smtpproxy.rules.engine import RulesEngine, build_rules_engine
 from smtpproxy.server import InboundSMTP, make_tls_context
 from smtpproxy.session import Session, Transaction
 from smtpproxy.stages import Check
@@ -65,6 +70,10 @@ class App:
         self._trusted_proxies = [
             ipaddress.ip_network(n, strict=False) for n in config.proxy_protocol.trusted_networks
         ]
+        self.session_limits = SessionLimits(config.session_limits, self.metrics)
+        # Raises RulesError on a bad rules folder: the CLI reports it and exits 2.
+        self.rules: RulesEngine = build_rules_engine(config, self.resolver, self.metrics)
+        self.forged_ar = forged_filter(config.hostname)
         self.checks: list[Check] = self.build_checks()
         self.pipeline = Pipeline(
             self.checks, self.metrics, timeout=config.check_timeout, on_error=config.on_check_error
@@ -75,11 +84,30 @@ class App:
         self._server: asyncio.base_events.Server | None = None
         self._metrics_server: MetricsServer | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._ready_cache: tuple[float, str | None] = (0.0, "not started")
 
     def build_checks(self) -> list[Check]:
-        """The checks in pipeline order: core policy first."""
-        return [RelayCheck(self.config.relay_domains), LimitsCheck(self.config.limits)]
+        """The checks in pipeline order: cheap policy first, then authentication, then rules.
+
+        Rate limits run before relay checks so a flood is refused before any
+        other work; rules run last (``after`` makes them wait for DMARC).
+        """
+        checks: list[Check] = [*build_ratelimit_checks(self.config, self.metrics)]
+        checks += [RelayCheck(self.config.relay_domains), LimitsCheck(self.config.limits)]
+        checks += build_auth_checks(self.config, self.resolver, self.metrics)
+        checks.append(self.rules.check)
+        return checks
+
+    async def close_checks(self) -> None:
+        """Release what checks hold (Redis connections)."""
+        for check in self.checks:
+            close = getattr(check, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.exception("closing check %s failed", check.name)
 
     # -- connections ----------------------------------------------------------
 
@@ -128,6 +156,7 @@ class App:
 
     def reload(self) -> None:
         """SIGHUP: reload what can change without a restart (rules, TLS certificate)."""
+        self.rules.reload()
         if (
             self.tls_context is not None
             and self.config.tls.cert is not None
@@ -202,6 +231,9 @@ class App:
             )
             await self._metrics_server.start()
         self._housekeeping = loop.create_task(self._housekeep())
+        interval = self.config.rules_options.reload_interval
+        if interval > 0:
+            self._watcher = loop.create_task(self.rules.watch(interval))
         log.info(
             "listening",
             extra={"fields": {"listen": str(self.listen_port_address), "backend": self.config.backend}},
@@ -248,6 +280,8 @@ class App:
         await asyncio.sleep(0)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
         if self._tasks:
@@ -255,6 +289,7 @@ class App:
         await self.backend.close()
         for backend in self._quarantine_backends.values():
             await backend.close()
+        await self.close_checks()
         await self.resolver.close()
 
 

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from smtpproxy import __version__
 from smtpproxy.config import Config, ConfigError, load_config
@@ -33,6 +34,21 @@ def _parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="validate a config file and print the effective settings")
     cfg.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
+
+    check = sub.add_parser("check", help="evaluate one message through the pipeline (no backend); print JSON")
+    check.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
+    check.add_argument("--client-ip", default="127.0.0.1", help="the connecting client's address")
+    check.add_argument("--helo", default="localhost", help="the HELO/EHLO name")
+    check.add_argument("--mail-from", default="", help="the MAIL FROM address ('' for <>)")
+    check.add_argument("--rcpt", action="append", default=[], help="a RCPT TO address (repeatable)")
+    check.add_argument("message", help="the message file (.eml)")
+
+    rules = sub.add_parser("rules", help="validate or test rule files")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    for name, text in (("check", "validate rule files and lists"), ("test", "run the rule files' inline tests")):
+        p = rules_sub.add_parser(name, help=text)
+        p.add_argument("dir", nargs="?", help="rules folder (default: the config's `rules`)")
+        p.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
     return parser
 
 
@@ -47,7 +63,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         print(config.model_dump_json(indent=2, exclude={"base_dir"}))
         return EXIT_OK
+    if args.command == "rules":
+        from smtpproxy.rules.cli import cmd_rules_check, cmd_rules_test
+
+        folder = Path(args.dir) if args.dir else config.rules_path
+        command = cmd_rules_check if args.rules_command == "check" else cmd_rules_test
+        return command(folder, config)
+    if args.command == "check":
+        return _check(config, args)
     return serve(config)
+
+
+def _check(config: Config, args: argparse.Namespace) -> int:
+    from smtpproxy.checkcmd import render, run_check
+    from smtpproxy.rules.loader import RulesError
+
+    path = Path(args.message)
+    if not path.is_file():
+        print(f"error: {path}: no such message file", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging("text", "warning")
+    try:
+        result = asyncio.run(
+            run_check(
+                config,
+                path.read_bytes(),
+                client_ip=args.client_ip,
+                helo=args.helo,
+                mail_from=args.mail_from,
+                rcpts=args.rcpt or None,
+            )
+        )
+    except RulesError as err:
+        print(f"error: invalid rules in {config.rules_path}:\n{err.render()}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(render(result))
+    return EXIT_OK
 
 
 def serve(config: Config) -> int:
@@ -71,8 +125,13 @@ def serve(config: Config) -> int:
 
 async def _serve(config: Config) -> int:
     from smtpproxy.app import App
+    from smtpproxy.rules.loader import RulesError
 
-    app = App(config)
+    try:
+        app = App(config)
+    except RulesError as err:
+        print(f"error: invalid rules in {config.rules_path}:\n{err.render()}", file=sys.stderr)
+        return EXIT_CONFIG
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -110,6 +110,12 @@ class ConnectionHandler:
             await self.end_transaction("aborted", "mail", "unfinished", None)
         sender = "" if address == "<>" else address
         txn = Transaction(new_id(), sender, tuple(options))
+        limited = self.app.session_limits.on_transaction(self.session) or self.app.session_limits.duration_exceeded(
+            self.session, time.monotonic()
+        )
+        if limited is not None and limited.reply is not None:
+            self.close_after_reply = True
+            return limited.reply.render()
         outcome = await self.app.pipeline.run(Stage.MAIL, self.session, txn)
         if outcome.action in (Action.REJECT, Action.TEMPFAIL):
             self.app.metrics.messages.labels(outcome.action.word, "mail", outcome.decided_by).inc()
@@ -150,13 +156,18 @@ class ConnectionHandler:
         if txn is None or btx is None:
             return "503 5.5.1 Error: need MAIL command"
         rcpt = Recipient(address, tuple(options))
+        limited = self.app.session_limits.duration_exceeded(self.session, time.monotonic())
+        if limited is not None and limited.reply is not None:
+            self.close_after_reply = True
+            return limited.reply.render()
         outcome = await self.app.pipeline.run(Stage.RCPT, self.session, txn, rcpt)
         if outcome.action in (Action.REJECT, Action.TEMPFAIL):
             reply = outcome.reply or _default_reply(outcome.action)
-            self._count_rcpt(address, reply)
-            return self._refuse(outcome)
+            return await self._count_rcpt(address, reply) or self._refuse(outcome)
         reply = await btx.rcpt(address, list(options))
-        self._count_rcpt(address, reply)
+        closing = await self._count_rcpt(address, reply)
+        if closing is not None:
+            return closing
         if reply.is_positive:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
@@ -170,12 +181,22 @@ class ConnectionHandler:
             envelope.rcpt_tos.clear()
         return reply.render()
 
-    def _count_rcpt(self, address: str, reply: Reply) -> None:
+    async def _count_rcpt(self, address: str, reply: Reply) -> str | None:
+        """Count the recipient's outcome; a 421 reply when rejected recipients pass the session limit."""
         outcome = "accepted" if reply.is_positive else "tempfailed" if reply.is_transient else "rejected"
-        if outcome == "rejected":
-            self.session.rejected_recipients += 1
         self.app.metrics.recipients.labels(outcome).inc()
         self.rcpt_log.append((address, f"{reply.code} {reply.enhanced}".strip()))
+        if outcome != "rejected":
+            return None
+        limits = self.app.session_limits
+        verdict = limits.on_command_error(self.session, "rejected_rcpt")
+        delay = limits.tarpit_delay(self.session)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if verdict is not None and verdict.reply is not None:
+            self.close_after_reply = True
+            return verdict.reply.render()
+        return None
 
     async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
         if self.txn is not None:
@@ -255,9 +276,8 @@ class ConnectionHandler:
 
     def _final_message(self, txn: Transaction, outcome: StageOutcome) -> bytes:
         message = txn.message
-        forged = txn.extras.get("forged_ar_filter")
-        if forged is not None:
-            message = remove_fields_where(message, forged)
+        # Incoming Authentication-Results claiming our authserv-id are forgeries.
+        message = remove_fields_where(message, self.app.forged_ar)
         trace = received_header(self.session, txn, self.app.config.hostname)
         return apply_edits(message, outcome.header_edits, prepend=trace)
 

@@ -47,7 +47,15 @@ _ENHANCED_FOR = {
     "554": "5.7.0",
     "555": "5.5.4",
 }
-_ERROR_KINDS = {"500": "syntax", "501": "syntax", "502": "syntax", "503": "sequence", "555": "syntax"}
+# Replies aiosmtpd writes for bad commands, and how session limits count them.
+_ERROR_KINDS = {
+    "500": "invalid_command",
+    "502": "invalid_command",
+    "501": "syntax",
+    "503": "syntax",
+    "504": "syntax",
+    "555": "syntax",
+}
 
 
 def with_enhanced_code(status: str) -> str:
@@ -186,11 +194,25 @@ class InboundSMTP(SMTP):
             status = with_enhanced_code(status)
             kind = _ERROR_KINDS.get(status[:3])
             if kind is not None and self.session_facts is not None:
-                self.session_facts.errors += 1
                 self.app.metrics.protocol_errors.labels(kind).inc()
+                status = await self._after_error(status, kind)
         await super().push(status)
         if self.conn is not None and self.conn.close_after_reply and self.transport is not None:
             self.transport.close()
+
+    async def _after_error(self, status: str, kind: str) -> str:
+        """Count a bad command against the session limits; tarpit; maybe close with 421."""
+        assert self.session_facts is not None
+        limits = self.app.session_limits
+        verdict = limits.on_command_error(self.session_facts, kind)
+        delay = limits.tarpit_delay(self.session_facts)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if verdict is not None and verdict.reply is not None:
+            if self.conn is not None:
+                self.conn.close_after_reply = True
+            return verdict.reply.render()
+        return status
 
     async def handle_exception(self, error: Exception) -> str:
         """An unexpected exception of ours: 451 4.3.0, logged with the ids."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from smtpproxy.app import App
 from smtpproxy.config import build_config
 from tests.backends import RecordingBackend
+from tests.dnsserver import DnsServer
 
 
 @dataclass
@@ -27,6 +28,15 @@ class RunningProxy:
     metrics_url: str | None
 
 
+@pytest.fixture(scope="session")
+def dns_server() -> Iterator[DnsServer]:
+    """A real DNS server on loopback; without zone data every name is NXDOMAIN (SPF/DMARC none)."""
+    server = DnsServer({})
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 async def backend() -> AsyncIterator[RecordingBackend]:
     """A recording aiosmtpd backend on 127.0.0.1."""
@@ -37,7 +47,7 @@ async def backend() -> AsyncIterator[RecordingBackend]:
 
 
 def proxy_config(
-    backend_port: int | None, overrides: dict[str, Any], base_dir: Path | None = None
+    backend_port: int | None, overrides: dict[str, Any], base_dir: Path | None = None, dns: str = "127.0.0.1:9"
 ) -> dict[str, Any]:
     """The test defaults for a proxy config, merged with ``overrides`` (one level deep for sections)."""
     data: dict[str, Any] = {
@@ -46,7 +56,7 @@ def proxy_config(
         "backend": f"smtp://127.0.0.1:{backend_port}" if backend_port else "maildir:./var/mail",
         "metrics": "127.0.0.1:0",
         "relay_domains": ["example.org"],
-        "dns": {"reverse_lookup": False, "timeout": 0.5, "nameservers": ["127.0.0.1:9"]},
+        "dns": {"reverse_lookup": False, "timeout": 0.5, "nameservers": [dns]},
         "backend_options": {
             "tls_verify": False,
             "connect_timeout": 2.0,
@@ -66,7 +76,7 @@ def proxy_config(
 
 @pytest.fixture
 async def start_proxy(
-    request: pytest.FixtureRequest, tmp_path: Path
+    request: pytest.FixtureRequest, tmp_path: Path, dns_server: DnsServer
 ) -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
     """Factory: ``await start_proxy({"limits": {...}})`` starts a proxy in front of the ``backend`` fixture."""
     apps: list[App] = []
@@ -77,7 +87,8 @@ async def start_proxy(
         port = backend_port
         if port is None and "backend" in request.fixturenames:
             port = request.getfixturevalue("backend").port
-        config = build_config(proxy_config(port, overrides or {}, tmp_path), base_dir=tmp_path)
+        data = proxy_config(port, overrides or {}, tmp_path, dns=dns_server.address)
+        config = build_config(data, base_dir=tmp_path)
         app = App(config)
         await app.start()
         apps.append(app)

@@ -1,0 +1,1 @@
+"""Sender authentication: SPF, DKIM, ARC, DMARC and the Authentication-Results header."""

@@ -1,0 +1,150 @@
+"""ARC chain validation (RFC 8617) on top of dkimpy, with keys prefetched asynchronously.
+
+The result says whether the chain of intermediaries that handled the message
+is intact (pass), broken (fail) or absent (none), how long it is, and which
+domains sealed it: local policy (a rule, or ``dmarc.trusted_arc_sealers``) can
+then trust a DMARC failure that a known forwarder or mailing list explains.
+
+A key lookup that failed temporarily makes dkimpy see "no key"; when that
+happened and the chain did not pass we say ``temperror`` instead of ``fail``,
+so our DNS trouble never reads as the sender's broken chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import dkim
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from smtpproxy.auth.dkim import DKIMPY_LOG, INLINE_MAX_BYTES, clean, reason_text
+from smtpproxy.dns import Resolver
+
+log = logging.getLogger("smtpproxy.auth.arc")
+
+MAX_INSTANCES = 50  # RFC 8617 §4.2.1: i= is 1..50
+_ARC_FIELDS = (b"arc-seal", b"arc-message-signature")
+
+
+@dataclass(frozen=True, slots=True)
+class ArcResult:
+    """The chain's validation: pass, fail, none or temperror.
+
+    ``instances`` is the highest ARC set number (0 without a chain); ``domains``
+    the ARC-Seal d= of each set, oldest (i=1) first; ``oldest_pass`` the lowest
+    instance from which every newer ARC-Message-Signature still verifies (0 when
+    none does), for ``header.oldest-pass``.
+    """
+
+    result: str
+    instances: int = 0
+    domains: tuple[str, ...] = ()
+    reason: str = ""
+    oldest_pass: int = 0
+
+
+def _sets(arc_headers: list[Any]) -> dict[int, dict[bytes, Mapping[bytes, bytes]]]:
+    """Tags of every parseable ARC-Seal and ARC-Message-Signature, by instance and field name."""
+    out: dict[int, dict[bytes, Mapping[bytes, bytes]]] = {}
+    for instance, (name, value) in arc_headers:
+        lname = name.lower()
+        if lname not in _ARC_FIELDS:
+            continue
+        try:
+            tags = parse_tag_value(value)
+        except (InvalidTagValueList, ValueError, IndexError):
+            continue
+        out.setdefault(instance, {})[lname] = tags
+    return out
+
+
+def _key_names(sets: Mapping[int, Mapping[bytes, Mapping[bytes, bytes]]]) -> list[str]:
+    names = set()
+    for fields in sets.values():
+        for tags in fields.values():
+            d, s = clean(tags.get(b"d", b"")), clean(tags.get(b"s", b""))
+            if d and s:
+                names.add(f"{s}._domainkey.{d}".lower())
+    return sorted(names)
+
+
+class ArcVerifier:
+    """Validates the ARC chain of a message. Never raises."""
+
+    def __init__(
+        self, resolver: Resolver, min_key_bits: int = 1024, *, inline_max_bytes: int = INLINE_MAX_BYTES
+    ) -> None:
+        self.resolver = resolver
+        self.min_key_bits = min_key_bits
+        self.inline_max_bytes = inline_max_bytes
+
+    async def verify(self, message: bytes) -> ArcResult:
+        """The ARC result of ``message``."""
+        try:
+            arc = dkim.ARC(message, logger=DKIMPY_LOG, minkey=self.min_key_bits)
+            max_instance, arc_headers = arc.sorted_arc_headers()
+        except Exception:
+            head = message.split(b"\r\n\r\n", 1)[0]
+            if re.search(rb"(?im)^arc-(seal|message-signature)[ \t]*:", head):
+                return ArcResult("fail", reason="message header unparseable")
+            return ArcResult("none")
+        if max_instance == 0:
+            return ArcResult("none")
+        sets = _sets(arc_headers)
+        domains = tuple(
+            clean(sets.get(i, {}).get(b"arc-seal", {}).get(b"d", b"")).lower()
+            for i in range(1, min(max_instance, MAX_INSTANCES) + 1)
+        )
+        if max_instance > MAX_INSTANCES:
+            return ArcResult("fail", max_instance, domains, f"more than {MAX_INSTANCES} ARC sets")
+        names = _key_names(sets)
+        answers = await asyncio.gather(*(self.resolver.txt(n) for n in names))
+        keys: dict[str, bytes | None] = {}
+        temporary: set[str] = set()
+        for name, answer in zip(names, answers, strict=True):
+            keys[name] = b"".join(answer.txt_strings[0]) if answer.ok and answer.txt_strings else None
+            if answer.is_temporary_error:
+                temporary.add(name)
+        used: set[str] = set()
+
+        def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
+            key = name.decode("ascii", "replace").lower().rstrip(".")
+            used.add(key)
+            return keys.get(key) or b""  # b"" reads as "no key" to dkimpy
+
+        if len(message) <= self.inline_max_bytes:
+            outcome = self._run(arc, dnsfunc)
+        else:
+            outcome = await asyncio.to_thread(self._run, arc, dnsfunc)
+        cv, results, reason = outcome
+        if cv == dkim.CV_Pass:
+            return ArcResult("pass", max_instance, domains, "", _oldest_pass(results))
+        if cv == dkim.CV_None and not results:
+            return ArcResult("none", max_instance, domains, reason_text(reason))
+        if used & temporary:
+            return ArcResult("temperror", max_instance, domains, "key lookup failed temporarily")
+        return ArcResult("fail", max_instance, domains, reason_text(reason or "chain did not validate"))
+
+    @staticmethod
+    def _run(arc: Any, dnsfunc: Any) -> tuple[Any, list[dict[str, Any]], str]:
+        try:
+            cv, results, reason = arc.verify(dnsfunc=dnsfunc)
+        except Exception as err:
+            log.debug("arc: unexpected %s: %s", type(err).__name__, err)
+            return dkim.CV_Fail, [], "chain could not be verified"
+        return cv, list(results), str(reason)
+
+
+def _oldest_pass(results: list[dict[str, Any]]) -> int:
+    """Walking from the newest set down, the last instance whose AMS still verifies."""
+    oldest = 0
+    for result in results:  # dkimpy lists the newest instance first
+        if not result.get("ams-valid"):
+            break
+        oldest = int(result["instance"])
+    return oldest

@@ -1,0 +1,101 @@
+"""The rate-limit check for the pipeline, built from the configuration.
+
+``build_ratelimit_checks(config, metrics)`` returns the one ``ratelimit`` check;
+its ``limiter`` is what the rules engine calls (``limiter.hit``), and
+``close()`` frees the store when the application stops.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from smtpproxy.config import Config, RateLimitConfig
+from smtpproxy.metrics import Metrics
+from smtpproxy.ratelimit.keys import KeySpec
+from smtpproxy.ratelimit.limiter import Limit, RateLimiter
+from smtpproxy.ratelimit.memory import MemoryStore
+from smtpproxy.ratelimit.redis_store import RedisStore
+from smtpproxy.ratelimit.store import Store
+from smtpproxy.session import Recipient, Session, Transaction
+from smtpproxy.stages import Check, CheckOutcome, Stage
+
+
+class RateLimitCheck(Check):
+    """Applies the configured rate and concurrency limits at every stage that has some."""
+
+    name = "ratelimit"
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+        self._stages = limiter.stages()
+
+    def handles(self, stage: Stage) -> bool:
+        """Only the stages that have limits (or hold concurrency slots): no cost elsewhere."""
+        return stage in self._stages
+
+    async def connect(self, session: Session) -> CheckOutcome:
+        """Connection rates and concurrency: 421 4.7.0 and close when exceeded."""
+        return await self.limiter.check(Stage.CONNECT, session)
+
+    async def helo(self, session: Session) -> CheckOutcome:
+        """Limits keyed on HELO: 421 4.7.0 and close when exceeded."""
+        return await self.limiter.check(Stage.HELO, session)
+
+    async def mail(self, session: Session, txn: Transaction) -> CheckOutcome:
+        """Per-transaction limits: 450 4.7.1 when exceeded."""
+        return await self.limiter.check(Stage.MAIL, session, txn)
+
+    async def rcpt(self, session: Session, txn: Transaction, rcpt: Recipient) -> CheckOutcome:
+        """Per-recipient limits: 450 4.7.1 when exceeded."""
+        return await self.limiter.check(Stage.RCPT, session, txn, rcpt)
+
+    async def data(self, session: Session, txn: Transaction) -> CheckOutcome:
+        """Per-message limits at end of DATA: 450 4.7.1 when exceeded."""
+        return await self.limiter.check(Stage.DATA, session, txn)
+
+    async def disconnect(self, session: Session) -> None:
+        """Give back the connection's concurrency slots."""
+        await self.limiter.release(session)
+
+    async def close(self) -> None:
+        """Close the store (Redis connections)."""
+        await self.limiter.close()
+
+
+def limit_from_config(item: RateLimitConfig) -> Limit:
+    """A validated ``ratelimits`` entry as a ``Limit``."""
+    spec = KeySpec(tuple(item.key), item.client_net_prefix.ipv4, item.client_net_prefix.ipv6)
+    exempt = tuple(ipaddress.ip_network(n, strict=False) for n in item.exempt)
+    return Limit(
+        name=item.name,
+        spec=spec,
+        stage=Stage(item.stage),
+        rate=item.parsed_rate,
+        burst=item.effective_burst,
+        concurrency=item.concurrency,
+        exempt=exempt,
+    )
+
+
+def build_store(config: Config) -> Store:
+    """The store ``ratelimit_store`` names: memory (per process) or Redis (shared)."""
+    if config.ratelimit_store == "memory":
+        return MemoryStore(max_keys=config.ratelimit_memory_max_keys)
+    return RedisStore(config.ratelimit_store, timeout=config.ratelimit_store_timeout)
+
+
+def build_ratelimiter(config: Config, metrics: Metrics, store: Store | None = None) -> RateLimiter:
+    """The limiter of ``config`` (also usable without configured limits, for rules' ``hit``)."""
+    return RateLimiter(
+        [limit_from_config(item) for item in config.ratelimits],
+        store if store is not None else build_store(config),
+        metrics,
+        fail=config.ratelimit_fail,
+        exempt=config.ratelimit_exempt,
+        concurrency_ttl=config.ratelimit_concurrency_ttl,
+    )
+
+
+def build_ratelimit_checks(config: Config, metrics: Metrics) -> list[Check]:
+    """The pipeline checks of the rate-limit area: one ``RateLimitCheck`` (call its ``close()``)."""
+    return [RateLimitCheck(build_ratelimiter(config, metrics))]

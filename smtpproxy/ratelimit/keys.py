@@ -1,0 +1,123 @@
+"""Rate-limit keys: which facts of a session a limit counts by, and the key text.
+
+Key kinds and the first stage where each is known:
+
+================= ========== ===========================================
+kind              from stage value
+================= ========== ===========================================
+client_ip         connect    the client address (IPv4-mapped IPv6 as IPv4)
+client_net        connect    its network: IPv4 /24, IPv6 /64 by default
+helo              helo       the HELO/EHLO name, lower-cased
+sender            mail       MAIL FROM address, lower-cased; ``<>`` if null
+sender_domain     mail       its domain, lower-cased; ``<>`` if null
+recipient         rcpt       the RCPT TO address, lower-cased (rcpt only)
+recipient_domain  rcpt       its domain, lower-cased (rcpt only)
+================= ========== ===========================================
+
+A combined key (``key: [client_ip, sender_domain]``) counts each distinct pair
+separately. The key text is ``<limit name>:<values joined by |>``; values
+longer than 128 characters are replaced by a hash so a hostile HELO or address
+cannot make stored keys big. Keys never appear in replies, logs or metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+
+from smtpproxy.session import IPAddress, Recipient, Session, Transaction
+
+STAGE_ORDER = ("connect", "helo", "mail", "rcpt", "data")
+
+# kind -> the first stage where the fact is known.
+KEY_KINDS: dict[str, str] = {
+    "client_ip": "connect",
+    "client_net": "connect",
+    "helo": "helo",
+    "sender": "mail",
+    "sender_domain": "mail",
+    "recipient": "rcpt",
+    "recipient_domain": "rcpt",
+}
+# Kinds only known at one stage (one recipient at a time).
+RCPT_ONLY = frozenset({"recipient", "recipient_domain"})
+# Kinds a concurrency limit may use: known for the whole connection.
+CONNECTION_KINDS = frozenset({"client_ip", "client_net"})
+
+_MAX_VALUE = 128
+
+
+def earliest_stage(kinds: tuple[str, ...]) -> str:
+    """The first stage where every kind of a key is known."""
+    return max((KEY_KINDS[k] for k in kinds), key=STAGE_ORDER.index, default="connect")
+
+
+def key_problem(kinds: tuple[str, ...], stage: str) -> str | None:
+    """Why a key cannot be built at ``stage``, or None when it can."""
+    first = earliest_stage(kinds)
+    if STAGE_ORDER.index(stage) < STAGE_ORDER.index(first):
+        return f"key {'+'.join(kinds)} is not known before the {first} stage, got on: {stage}"
+    if stage != "rcpt" and RCPT_ONLY.intersection(kinds):
+        return f"key {'+'.join(kinds)} names a recipient and needs on: rcpt, got on: {stage}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """How one limit builds its key: the kinds and the client network prefixes."""
+
+    kinds: tuple[str, ...]
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+
+
+def client_ip(session: Session) -> IPAddress:
+    """The client address, IPv4-mapped IPv6 (``::ffff:192.0.2.1``) unwrapped to IPv4."""
+    ip = session.client_ip
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _value(
+    kind: str, spec: KeySpec, session: Session, txn: Transaction | None, rcpt: Recipient | None
+) -> str:
+    if kind == "client_ip":
+        return str(client_ip(session))
+    if kind == "client_net":
+        ip = client_ip(session)
+        prefix = spec.ipv4_prefix if ip.version == 4 else spec.ipv6_prefix
+        return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+    if kind == "helo":
+        return (session.helo or "").lower()
+    if kind in ("sender", "sender_domain"):
+        if txn is None:
+            raise ValueError(f"key {kind} needs a transaction")
+        if not txn.mail_from:
+            return "<>"
+        return txn.mail_from.lower() if kind == "sender" else txn.sender_domain
+    if kind in RCPT_ONLY:
+        if rcpt is None:
+            raise ValueError(f"key {kind} needs a recipient")
+        return rcpt.address.lower() if kind == "recipient" else rcpt.domain
+    raise ValueError(f"unknown key kind {kind!r}")
+
+
+def build_key(
+    name: str,
+    spec: KeySpec,
+    session: Session,
+    txn: Transaction | None = None,
+    rcpt: Recipient | None = None,
+) -> str:
+    """The store key of limit ``name`` for these facts: ``name:value|value``."""
+    value = "|".join(_value(k, spec, session, txn, rcpt).replace("|", "%7C") for k in spec.kinds)
+    return scoped_key(name, value)
+
+
+def scoped_key(name: str, value: str) -> str:
+    """``name:value`` with long or control-laden values hashed (also for rules' own keys)."""
+    if len(value) > _MAX_VALUE or not value.isprintable():
+        value = "#" + hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+    return f"{name}:{value}"

@@ -1,0 +1,235 @@
+"""The rate limiter: the configured limits of each stage, applied in one store call.
+
+Replies (the text names the limit, never the key):
+
+* connect, helo: ``421 4.7.0 Rate limit NAME exceeded, try again later`` and
+  close (a concurrency limit: ``Too many connections (NAME), try again later``);
+* mail, rcpt, data: ``450 4.7.1 Rate limit NAME exceeded, try again later``.
+
+Store failures (Redis down or slower than ``ratelimit_store_timeout``) follow
+``ratelimit_fail``: ``open`` allows, logs and counts
+``smtpproxy_ratelimit_store_errors{kind,handled="open"}``; ``closed`` answers
+``421 4.3.0`` at connect/helo and ``451 4.3.0`` later, counted with
+``handled="closed"``. After a failure the store is not asked again for
+``retry_interval`` seconds (the policy applies at once, so a dead Redis costs no
+timeout per session), then the next call tries again: recovery is automatic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from smtpproxy.metrics import Metrics
+from smtpproxy.ratelimit.gcra import Rate
+from smtpproxy.ratelimit.keys import KeySpec, build_key, client_ip, scoped_key
+from smtpproxy.ratelimit.store import Entry, RateEntry, SlotAcquire, SlotRefresh, Store, StoreError
+from smtpproxy.session import Recipient, Session, Transaction
+from smtpproxy.stages import Stage
+from smtpproxy.verdict import Action, Reply, Verdict
+
+log = logging.getLogger("smtpproxy.ratelimit")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Session.extras keys of this module.
+SLOTS = "ratelimit.slots"  # list of (key, token) held by the connection
+REFRESHED = "ratelimit.refreshed"  # monotonic time the slots were last refreshed
+_EARLY = (Stage.CONNECT, Stage.HELO)
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One configured limit, ready to apply: a rate (``rate`` set) or a concurrency cap."""
+
+    name: str
+    spec: KeySpec
+    stage: Stage
+    rate: Rate | None = None
+    burst: int = 1
+    concurrency: int | None = None
+    exempt: tuple[Network, ...] = ()
+
+
+def refused_verdict(stage: Stage, limit: Limit) -> Verdict:
+    """The reply for a request refused by ``limit`` at ``stage``."""
+    if limit.concurrency is not None:
+        text = f"Too many connections ({limit.name}), try again later"
+    else:
+        text = f"Rate limit {limit.name} exceeded, try again later"
+    reply = Reply(421, "4.7.0", text) if stage in _EARLY else Reply(450, "4.7.1", text)
+    return Verdict(Action.TEMPFAIL, reply, reasons=("ratelimit", limit.name), disconnect=stage in _EARLY)
+
+
+def unavailable_verdict(stage: Stage) -> Verdict:
+    """The fail-closed reply when the store cannot answer."""
+    text = "Rate limit service unavailable, try again later"
+    code = 421 if stage in _EARLY else 451
+    return Verdict(
+        Action.TEMPFAIL, Reply(code, "4.3.0", text), reasons=("ratelimit",), disconnect=stage in _EARLY
+    )
+
+
+class RateLimiter:
+    """Applies limits through a store; also serves rules (``hit``) with their own keys."""
+
+    def __init__(
+        self,
+        limits: Sequence[Limit],
+        store: Store,
+        metrics: Metrics,
+        *,
+        fail: str = "open",
+        exempt: Sequence[str] = (),
+        concurrency_ttl: float = 900.0,
+        retry_interval: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if fail not in ("open", "closed"):
+            raise ValueError(f"fail must be open or closed, got {fail!r}")
+        self.limits = tuple(limits)
+        self.store = store
+        self.metrics = metrics
+        self.fail_open = fail == "open"
+        self.exempt = tuple(ipaddress.ip_network(n, strict=False) for n in exempt)
+        self.concurrency_ttl = concurrency_ttl
+        self.retry_interval = retry_interval
+        self.clock = clock
+        self._by_stage = {s: tuple(lim for lim in self.limits if lim.stage is s) for s in Stage}
+        self._down_until = 0.0
+        self._down_kind = ""
+
+    def stages(self) -> frozenset[Stage]:
+        """The stages where this limiter has work (limits, slot refresh, release)."""
+        stages = {lim.stage for lim in self.limits}
+        if any(lim.concurrency is not None for lim in self.limits):
+            stages |= {Stage.MAIL, Stage.DISCONNECT}
+        return frozenset(stages)
+
+    def _exempt(self, networks: tuple[Network, ...], session: Session) -> bool:
+        ip = client_ip(session)
+        return any(ip in net for net in networks)
+
+    async def _apply(self, entries: Sequence[Entry]) -> list[float] | None:
+        """The store's answer, or None when it failed (already logged and counted)."""
+        now = self.clock()
+        if now < self._down_until:
+            self._count(self._down_kind)
+            return None
+        try:
+            results = await self.store.apply(entries)
+        except StoreError as err:
+            if not self._down_kind:
+                log.warning("rate-limit store failed (%s), failing %s: %s", err.kind, self._policy, err)
+            self._down_until = now + self.retry_interval
+            self._down_kind = err.kind
+            self._count(err.kind)
+            return None
+        if self._down_kind:
+            log.info("rate-limit store answers again")
+            self._down_kind = ""
+        return results
+
+    @property
+    def _policy(self) -> str:
+        return "open" if self.fail_open else "closed"
+
+    def _count(self, kind: str) -> None:
+        self.metrics.ratelimit_store_errors.labels(kind=kind, handled=self._policy).inc()
+
+    async def check(
+        self,
+        stage: Stage,
+        session: Session,
+        txn: Transaction | None = None,
+        rcpt: Recipient | None = None,
+    ) -> Verdict | None:
+        """Apply the limits of ``stage``: None when all allow, else the refusal verdict."""
+        entries: list[Entry] = []
+        limits: list[Limit] = []
+        if not self._exempt(self.exempt, session):
+            for lim in self._by_stage[stage]:
+                if lim.exempt and self._exempt(lim.exempt, session):
+                    continue
+                key = build_key(lim.name, lim.spec, session, txn, rcpt)
+                if lim.rate is not None:
+                    entries.append(RateEntry(key, lim.rate.interval, lim.burst))
+                else:
+                    assert lim.concurrency is not None
+                    entries.append(
+                        SlotAcquire(key, self._token(session), lim.concurrency, self.concurrency_ttl)
+                    )
+                limits.append(lim)
+        entries += self._refreshes(session)
+        if not entries:
+            return None
+        slots = [(e.key, e.token) for e in entries if isinstance(e, SlotAcquire)]
+        if slots:
+            # Recorded before asking: if the call is cut short after Redis took
+            # the slot, disconnect still gives it back.
+            session.extras.setdefault(SLOTS, []).extend(slots)
+            session.extras[REFRESHED] = self.clock()
+        results = await self._apply(entries)
+        if results is None:
+            return None if self.fail_open else unavailable_verdict(stage)
+        refused = [lim for lim, wait in zip(limits, results, strict=False) if wait > 0]
+        for lim in refused:
+            self.metrics.ratelimit_hits.labels(limit=lim.name).inc()
+        if refused:
+            if slots:
+                del session.extras[SLOTS][-len(slots) :]
+            return refused_verdict(stage, refused[0])
+        return None
+
+    def _token(self, session: Session) -> str:
+        # Unique per connection across processes and machines: the slot's member.
+        token = session.extras.get("ratelimit.token")
+        if token is None:
+            token = session.extras["ratelimit.token"] = f"{session.id}.{secrets.token_hex(6)}"
+        return str(token)
+
+    def _refreshes(self, session: Session) -> list[Entry]:
+        held = session.extras.get(SLOTS)
+        if not held:
+            return []
+        now = self.clock()
+        if now - session.extras.get(REFRESHED, now) < self.concurrency_ttl / 3:
+            return []
+        session.extras[REFRESHED] = now
+        return [SlotRefresh(key, token, self.concurrency_ttl) for key, token in held]
+
+    async def release(self, session: Session) -> None:
+        """Give back the connection's concurrency slots (disconnect, however it ended)."""
+        held = session.extras.pop(SLOTS, None)
+        if not held:
+            return
+        try:
+            await self.store.release(held)
+        except StoreError as err:
+            # Not fatal: the slots expire after concurrency_ttl on their own.
+            log.warning("rate-limit store failed releasing slots (%s): %s", err.kind, err)
+            self.metrics.ratelimit_store_errors.labels(kind=err.kind, handled="expire").inc()
+
+    async def hit(self, name: str, key: str, rate: Rate, burst: int) -> bool:
+        """One GCRA step of a rule's own limit ``name`` on ``key``: True when allowed.
+
+        For the rules engine (a rate-limit action keyed on message facts). The
+        key is scoped by ``rule:NAME`` and hashed when long. On a store failure:
+        True when failing open, False when failing closed.
+        """
+        entry = RateEntry(scoped_key(f"rule:{name}", key), rate.interval, max(1, burst))
+        results = await self._apply([entry])
+        if results is None:
+            return self.fail_open
+        if results[0] > 0:
+            self.metrics.ratelimit_hits.labels(limit=name).inc()
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close the store."""
+        await self.store.close()

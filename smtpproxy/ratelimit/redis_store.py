@@ -1,0 +1,205 @@
+"""The Redis store: limits shared exactly by every worker and every proxy instance.
+
+Every stage is one round trip: one ``EVALSHA`` of the Lua script below with the
+keys of all the stage's limits. The script reads Redis' own clock
+(``redis.call('TIME')``) so machines with drifting clocks agree, checks every
+entry, and writes them only when all allow — atomically, as Redis runs a script
+alone. Keys carry a ``PEXPIRE`` for when they hold nothing any more (GCRA: the
+TAT is in the past), so Redis memory follows the active keys only.
+
+Concurrency slots are a sorted set per key: member = connection token, score =
+expiry time. Expired members are dropped before counting, so the slots of a
+crashed process come back after ``ttl`` on their own; a normal disconnect
+removes the member at once (``ZREM``).
+
+URLs (``ratelimit_store``):
+
+* ``redis://[user:password@]host:port/db``, ``rediss://...`` (TLS), ``unix:///path.sock?db=0``;
+* ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``: the
+  master of ``service`` as Sentinel reports it, followed on failover;
+* ``redis+cluster://[:password@]host:port``: a Redis Cluster. Every key carries
+  the hash tag ``{smtpproxy:rl}`` so a stage's keys share one slot and the script
+  stays one atomic call; all rate-limit keys thus live on one shard (one shard
+  answers far more than a mail system's connection rate).
+
+The client reconnects by itself: a failed connection is dropped from the pool
+and the next call dials again; after a Redis restart the script is loaded again
+on ``NOSCRIPT``. Every call is bounded by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+
+from smtpproxy.ratelimit.store import REDIS_SCHEMES, Entry, RateEntry, SlotAcquire, StoreError
+
+# Entry layout: KEYS[i] and four ARGV per entry: kind, then
+#   g: interval_us, burst, cost             (GCRA step)
+#   c: token, limit, ttl_us                 (take a concurrency slot)
+#   r: token, -, ttl_us                     (refresh a held slot)
+# Reply: one integer per entry: 0 allowed, else microseconds until it would be.
+# Numbers written to Redis go through string.format: Lua's tostring would print
+# microsecond timestamps in 14-digit exponent notation and lose precision.
+SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local fmt = function(x) return string.format('%.0f', x) end
+local out, tats, refused = {}, {}, false
+for i, key in ipairs(KEYS) do
+  local a = (i - 1) * 4
+  local kind = ARGV[a + 1]
+  out[i] = 0
+  if kind == 'g' then
+    local interval, burst, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+    local tat = tonumber(redis.call('GET', key))
+    if tat == nil or tat < now then tat = now end
+    local new_tat = tat + interval * cost
+    local allow_at = new_tat - interval * burst
+    if allow_at > now then
+      out[i] = math.ceil(allow_at - now)
+      refused = true
+    else
+      tats[i] = new_tat
+    end
+  elseif kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
+    if not redis.call('ZSCORE', key, ARGV[a + 2])
+        and redis.call('ZCARD', key) >= tonumber(ARGV[a + 3]) then
+      out[i] = tonumber(ARGV[a + 4])
+      refused = true
+    end
+  end
+end
+if refused then return out end
+for i, key in ipairs(KEYS) do
+  local a = (i - 1) * 4
+  local kind = ARGV[a + 1]
+  if kind == 'g' then
+    redis.call('SET', key, fmt(tats[i]), 'PX', fmt(math.ceil((tats[i] - now) / 1000) + 1))
+  else
+    local ttl = tonumber(ARGV[a + 4])
+    local ms = fmt(math.ceil(ttl / 1000))
+    if kind == 'c' then
+      redis.call('ZADD', key, fmt(now + ttl), ARGV[a + 2])
+      redis.call('PEXPIRE', key, ms)
+    elseif redis.call('ZADD', key, 'XX', 'CH', fmt(now + ttl), ARGV[a + 2]) == 1 then
+      redis.call('PEXPIRE', key, ms)
+    end
+  end
+end
+return out
+"""
+
+PREFIX = "smtpproxy:rl:"
+CLUSTER_PREFIX = "{smtpproxy:rl}:"
+
+
+def _client(url: str, timeout: float) -> tuple[Any, str]:
+    """The redis-py asyncio client for ``url`` and the key prefix to use."""
+    # No retries inside redis-py: the caller's timeout is the budget, and the
+    # fail-open/closed policy decides what an error means.
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if url.startswith("redis+cluster://"):
+        cluster: Any = RedisCluster.from_url("redis://" + url[len("redis+cluster://") :], **common)
+        return cluster, CLUSTER_PREFIX
+    if url.startswith("redis+sentinel://"):
+        parts = urlsplit(url)
+        hosts = parts.netloc.rpartition("@")[2]
+        sentinels = []
+        for item in hosts.split(","):
+            host, _, port = item.rpartition(":")
+            sentinels.append((host.strip("[]") or "localhost", int(port or 26379)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError(
+                "redis+sentinel:// URL needs the service name: redis+sentinel://host:26379/mymaster"
+            )
+        db = int(path[1]) if len(path) > 1 else 0
+        password = unquote(parts.password) if parts.password else None
+        sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_timeout": timeout}, **common)
+        return sentinel.master_for(path[0], db=db, password=password), PREFIX
+    pool: Any = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=timeout, **common)
+    return aioredis.Redis(connection_pool=pool), PREFIX
+
+
+def _args(entry: Entry) -> tuple[str, str, str, str]:
+    if isinstance(entry, RateEntry):
+        return ("g", f"{entry.interval * 1e6:.3f}", str(entry.burst), str(entry.cost))
+    ttl = f"{entry.ttl * 1e6:.0f}"
+    if isinstance(entry, SlotAcquire):
+        return ("c", entry.token, str(entry.limit), ttl)
+    return ("r", entry.token, "0", ttl)
+
+
+class RedisStore:
+    """Rate-limit state in Redis, shared by every process that uses the same URL."""
+
+    def __init__(self, url: str, timeout: float = 0.25) -> None:
+        if not url.startswith(REDIS_SCHEMES):
+            raise ValueError(f"expected a URL starting with {', '.join(REDIS_SCHEMES)}, got {url!r}")
+        self.url = url
+        self.timeout = timeout
+        self._redis, self.prefix = _client(url, timeout)
+        self._script = self._redis.register_script(SCRIPT)
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await coro
+        except (TimeoutError, redis.exceptions.TimeoutError) as err:
+            raise StoreError("timeout", f"redis {self._where()}: no answer within {self.timeout}s") from err
+        except (redis.exceptions.ConnectionError, OSError) as err:
+            raise StoreError("connection", f"redis {self._where()}: {err}") from err
+        except redis.exceptions.RedisError as err:
+            raise StoreError("error", f"redis {self._where()}: {err}") from err
+
+    def _where(self) -> str:
+        # The URL without its password, for logs.
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+    async def apply(self, entries: Sequence[Entry]) -> list[float]:
+        """See ``Store.apply``: one EVALSHA for all entries."""
+        if not entries:
+            return []
+        keys = [self.prefix + e.key for e in entries]
+        args = [a for e in entries for a in _args(e)]
+        reply = await self._call(self._script(keys=keys, args=args))
+        return [int(x) / 1e6 for x in reply]
+
+    async def release(self, slots: Sequence[tuple[str, str]]) -> None:
+        """See ``Store.release``: one ZREM per slot, pipelined in one round trip."""
+        if not slots:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for key, token in slots:
+            pipe.zrem(self.prefix + key, token)
+        await self._call(pipe.execute())
+
+    async def ping(self) -> bool:
+        """True when Redis answers within the timeout (for readiness checks)."""
+        try:
+            return bool(await self._call(self._redis.ping()))
+        except StoreError:
+            return False
+
+    async def close(self) -> None:
+        """Close the client and its connections."""
+        try:
+            await self._redis.aclose()
+        except (redis.exceptions.RedisError, OSError):
+            return

@@ -1,0 +1,258 @@
+"""RulesCheck: evaluates the rules of each stage and turns what matched into a Verdict.
+
+State kept between stages (all in ``extras``, nothing on the check itself):
+
+- ``session.extras``: ``rules_score``/``rules_matches``/``rules_edits`` from
+  connect and helo rules (copied into every transaction at MAIL),
+  ``rules_stopped`` (a ``stop`` at connect/helo), ``rules_dnsbl`` (zone -> records).
+- ``txn.extras``: ``rules_ruleset`` (the RuleSet captured at MAIL: a reload
+  mid-transaction does not change its rules), ``rule_matches`` (why each rule
+  matched), ``rules_edits`` (header edits decided before DATA), ``rules_pending``
+  (a discard/quarantine decided at MAIL or RCPT, answered at DATA), ``rules_done``.
+
+Scores are added to ``txn.score`` directly, as rules run, so that later rules
+and the thresholds see the score so far; verdicts therefore carry score 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from smtpproxy.rules.actions import QUARANTINE_HEADER, RuleActions
+from smtpproxy.rules.conditions import Evidence
+from smtpproxy.rules.fields import EvalContext
+from smtpproxy.rules.ruleset import Rule, RuleSet
+from smtpproxy.session import Recipient, Session, Transaction
+from smtpproxy.stages import Check, CheckOutcome, Stage
+from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Reply, Verdict
+
+if TYPE_CHECKING:
+    from smtpproxy.rules.engine import RulesEngine
+
+log = logging.getLogger("smtpproxy.rules")
+
+SPAM_REJECT = Reply(550, "5.7.1", "Message rejected as spam")
+SPAM_TEMPFAIL = Reply(451, "4.7.1", "Message looks like spam, try again later")
+
+
+class DnsResolver(Protocol):
+    """What rules need of :class:`smtpproxy.dns.Resolver`."""
+
+    async def query(self, name: str, rdtype: str) -> Any: ...
+
+
+@dataclass(slots=True)
+class StageResult:
+    """What one stage's rules did."""
+
+    matched: list[dict[str, Any]] = field(default_factory=list)
+    edits: list[HeaderEdit] = field(default_factory=list)
+    terminal: Rule | None = None
+    stopped: bool = False
+
+
+def match_record(rule: Rule, stage: Stage, evidence: Evidence) -> dict[str, Any]:
+    """The ``rule_matches`` entry of one match: which rule, and which field and value made it match."""
+    first = evidence[0] if evidence else ("", "")
+    return {
+        "rule": rule.name,
+        "stage": stage.value,
+        "file": f"{rule.file}:{rule.line}",
+        "field": first[0],
+        "value": first[1],
+        "evidence": [{"field": f, "value": v} for f, v in evidence],
+        "actions": list(rule.actions.words),
+        "score": rule.actions.score,
+    }
+
+
+def dnsbl_name(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: str) -> str:
+    """The DNSBL query name: reversed octets (IPv4) or nibbles (IPv6), then the zone."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ".".join(reversed(str(ip).split("."))) + "." + zone
+    return ".".join(reversed(ip.exploded.replace(":", ""))) + "." + zone
+
+
+class RulesCheck(Check):
+    """The ``rules`` check: runs after authentication so rules can use its results."""
+
+    name = "rules"
+    after = ("spf", "dkim", "arc", "dmarc")
+
+    def __init__(self, engine: RulesEngine) -> None:
+        self.engine = engine
+
+    # -- evaluation -----------------------------------------------------------
+
+    def evaluate(self, rules: tuple[Rule, ...], ctx: EvalContext) -> StageResult:
+        """Run ``rules`` in order: record matches, add scores, stop at the first terminal rule."""
+        result = StageResult()
+        hits = self.engine.metrics.rule_hits
+        for rule in rules:
+            evidence = rule.condition(ctx)
+            if evidence is None:
+                continue
+            actions: RuleActions = rule.actions
+            hits.labels(rule.name).inc()
+            result.matched.append(match_record(rule, ctx.stage, evidence))
+            if actions.score:
+                if ctx.txn is not None:
+                    ctx.txn.score += actions.score
+                else:
+                    ctx.session.extras["rules_score"] = ctx.score + actions.score
+            result.edits.extend(actions.edits)
+            if actions.terminal is not Action.CONTINUE:
+                result.terminal = rule
+                break
+            if actions.stop:
+                result.stopped = True
+                break
+        return result
+
+    async def prefetch_dnsbl(self, session: Session, zones: tuple[str, ...]) -> None:
+        """Look up the client on every DNSBL zone the stage's rules name, once per connection."""
+        cache: dict[str, tuple[str, ...]] = session.extras.setdefault("rules_dnsbl", {})
+        missing = [z for z in zones if z not in cache]
+        if not missing:
+            return
+        resolver = self.engine.resolver
+        if resolver is None:
+            cache.update(dict.fromkeys(missing, ()))
+            return
+
+        async def one(zone: str) -> tuple[str, tuple[str, ...]]:
+            try:
+                answer = await resolver.query(dnsbl_name(session.client_ip, zone), "A")
+            except Exception:  # the resolver should not raise; an unlisted client is the safe reading
+                log.warning("DNSBL lookup on %s failed (session %s)", zone, session.id, exc_info=True)
+                return zone, ()
+            if getattr(answer, "status", "") != "ok":
+                return zone, ()
+            # Only 127.0.0.0/8 answers are listings; anything else is a misconfigured or hijacked zone.
+            return zone, tuple(r for r in answer.records if str(r).startswith("127."))
+
+        for zone, records in await asyncio.gather(*(one(z) for z in missing)):
+            cache[zone] = records
+
+    # -- per-transaction state --------------------------------------------------
+
+    def _txn_state(self, session: Session, txn: Transaction) -> RuleSet:
+        ruleset = txn.extras.get("rules_ruleset")
+        if isinstance(ruleset, RuleSet):
+            return ruleset
+        ruleset = self.engine.current
+        txn.extras["rules_ruleset"] = ruleset
+        txn.score += float(session.extras.get("rules_score", 0.0))
+        earlier = list(session.extras.get("rules_matches", []))
+        txn.extras["rule_matches"] = earlier
+        txn.matched_rules.extend(m["rule"] for m in earlier)
+        txn.extras["rules_edits"] = list(session.extras.get("rules_edits", []))
+        if session.extras.get("rules_stopped"):
+            txn.extras["rules_done"] = True
+        return ruleset
+
+    def _record(self, txn: Transaction, result: StageResult) -> None:
+        txn.extras["rule_matches"].extend(result.matched)
+        txn.matched_rules.extend(m["rule"] for m in result.matched)
+
+    # -- stages -----------------------------------------------------------------
+
+    async def _session_stage(self, session: Session, stage: Stage) -> CheckOutcome:
+        if session.extras.get("rules_stopped"):
+            return None
+        ruleset = self.engine.current
+        rules = ruleset.by_stage[stage]
+        if not rules:
+            return None
+        await self.prefetch_dnsbl(session, ruleset.dnsbl_zones[stage])
+        result = self.evaluate(rules, EvalContext(session, None, stage))
+        session.extras.setdefault("rules_matches", []).extend(result.matched)
+        session.extras.setdefault("rules_edits", []).extend(result.edits)
+        if result.stopped:
+            session.extras["rules_stopped"] = True
+        return self._immediate(result)
+
+    def _immediate(self, result: StageResult) -> Verdict | None:
+        """The verdict a stage answers now: accept, reject or tempfail (the rest waits for DATA)."""
+        rule = result.terminal
+        if rule is None or rule.actions.terminal in (Action.DISCARD, Action.QUARANTINE):
+            return None
+        return Verdict(rule.actions.terminal, rule.actions.reply, reasons=(rule.name,))
+
+    async def connect(self, session: Session) -> CheckOutcome:
+        """Connection rules (client IP, rDNS, DNSBL)."""
+        return await self._session_stage(session, Stage.CONNECT)
+
+    async def helo(self, session: Session) -> CheckOutcome:
+        """HELO rules."""
+        return await self._session_stage(session, Stage.HELO)
+
+    async def _txn_stage(
+        self, session: Session, txn: Transaction, stage: Stage, rcpt: Recipient | None = None
+    ) -> StageResult | None:
+        ruleset = self._txn_state(session, txn)
+        rules = ruleset.by_stage[stage]
+        if txn.extras.get("rules_done") or not rules:
+            return None
+        await self.prefetch_dnsbl(session, ruleset.dnsbl_zones[stage])
+        result = self.evaluate(rules, EvalContext(session, txn, stage, rcpt))
+        self._record(txn, result)
+        txn.extras["rules_edits"].extend(result.edits)
+        rule = result.terminal
+        if result.stopped or (
+            rule is not None and rule.actions.terminal in (Action.ACCEPT, Action.DISCARD, Action.QUARANTINE)
+        ):
+            txn.extras["rules_done"] = True
+        if rule is not None and rule.actions.terminal in (Action.DISCARD, Action.QUARANTINE):
+            txn.extras["rules_pending"] = rule
+        return result
+
+    async def mail(self, session: Session, txn: Transaction) -> CheckOutcome:
+        """MAIL FROM rules; captures the RuleSet this transaction will use."""
+        result = await self._txn_stage(session, txn, Stage.MAIL)
+        return self._immediate(result) if result else None
+
+    async def rcpt(self, session: Session, txn: Transaction, rcpt: Recipient) -> CheckOutcome:
+        """RCPT TO rules, once per recipient: a reject refuses this recipient only."""
+        result = await self._txn_stage(session, txn, Stage.RCPT, rcpt)
+        return self._immediate(result) if result else None
+
+    async def data(self, session: Session, txn: Transaction) -> CheckOutcome:
+        """End-of-DATA rules, then the score thresholds; all header edits are returned here."""
+        result = await self._txn_stage(session, txn, Stage.DATA)
+        edits: list[HeaderEdit] = list(txn.extras.get("rules_edits", []))
+        rule = result.terminal if result else None
+        pending = txn.extras.get("rules_pending")
+        if rule is None and isinstance(pending, Rule):
+            rule = pending
+        if rule is not None and rule.actions.terminal in (Action.REJECT, Action.TEMPFAIL):
+            return Verdict(rule.actions.terminal, rule.actions.reply, reasons=(rule.name,))
+        if rule is not None and rule.actions.terminal is Action.ACCEPT:
+            return Verdict(Action.ACCEPT, header_edits=tuple(edits), reasons=(rule.name,))
+        action, reply, reason = self._thresholds(txn.score, edits)
+        quarantine_to = self.engine.scores.quarantine_to if action is Action.QUARANTINE else None
+        if rule is not None and rule.actions.terminal >= action:
+            action, reply, reason = rule.actions.terminal, None, rule.name
+            quarantine_to = rule.actions.quarantine_to
+        elif action is Action.QUARANTINE:
+            edits.append(HeaderEdit(HeaderEditKind.ADD, QUARANTINE_HEADER, "score"))
+        reasons = (reason,) if action.is_terminal else tuple(dict.fromkeys(txn.matched_rules))
+        return Verdict(action, reply, tuple(edits), reasons, quarantine_to=quarantine_to)
+
+    def _thresholds(self, score: float, edits: list[HeaderEdit]) -> tuple[Action, Reply | None, str]:
+        """The action the score reaches; adds the X-Spam headers at the add_header threshold."""
+        scores = self.engine.scores
+        if scores.add_header is not None and score >= scores.add_header:
+            edits.append(HeaderEdit(HeaderEditKind.ADD, "X-Spam-Flag", "YES"))
+            edits.append(HeaderEdit(HeaderEditKind.ADD, "X-Spam-Score", f"{score:.1f}"))
+        if scores.reject is not None and score >= scores.reject:
+            return Action.REJECT, SPAM_REJECT, "score"
+        if scores.tempfail is not None and score >= scores.tempfail:
+            return Action.TEMPFAIL, SPAM_TEMPFAIL, "score"
+        if scores.quarantine is not None and score >= scores.quarantine:
+            return Action.QUARANTINE, None, "score"
+        return Action.CONTINUE, None, ""

@@ -1,0 +1,302 @@
+"""The fields a rule condition can look at, and the context they are read from.
+
+Every field yields a tuple of values (a header may occur twice, a message has
+many URLs); a comparison matches when any value matches. Values are computed
+once per evaluation context and memoised, and the MIME facts once per
+transaction (cached in ``txn.extras``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from smtpproxy.addresses import domain_of
+from smtpproxy.rules.mime import BodyFacts, decoded_headers, from_parts, parse_body
+from smtpproxy.session import Recipient, Session, Transaction
+from smtpproxy.stages import Stage
+
+STAGE_ORDER = {Stage.CONNECT: 0, Stage.HELO: 1, Stage.MAIL: 2, Stage.RCPT: 3, Stage.DATA: 4}
+
+_HEADERS_KEY = "rules_headers"
+_FROM_KEY = "rules_from"
+_BODY_KEY = "rules_body"
+
+
+class Kind(enum.Enum):
+    """What the values of a field are, which decides the operators it accepts."""
+
+    TEXT = "text"
+    IP = "ip address"
+    NUMBER = "number"
+    BOOL = "true/false"
+
+
+class EvalContext:
+    """One evaluation of rules: the session, the transaction and recipient when known."""
+
+    __slots__ = ("_memo", "rcpt", "regex_hits", "session", "stage", "txn")
+
+    def __init__(
+        self, session: Session, txn: Transaction | None, stage: Stage, rcpt: Recipient | None = None
+    ) -> None:
+        self.session = session
+        self.txn = txn
+        self.stage = stage
+        self.rcpt = rcpt
+        self._memo: dict[str, tuple[Any, ...]] = {}
+        # regex group key -> {pattern index: first value it matched}; filled by conditions.
+        self.regex_hits: dict[object, dict[int, str]] = {}
+
+    def values(self, spec: FieldSpec) -> tuple[Any, ...]:
+        """The values of a field, computed once."""
+        found = self._memo.get(spec.name)
+        if found is None:
+            try:
+                found = spec.extract(self)
+            except Exception:  # a fact that cannot be read is a fact that is absent
+                found = ()
+            self._memo[spec.name] = found
+        return found
+
+    def lowered(self, spec: FieldSpec) -> tuple[str, ...]:
+        """The text values of a field, lower-cased once (for case-insensitive comparison)."""
+        key = "\x00lower:" + spec.name
+        found = self._memo.get(key)
+        if found is None:
+            found = tuple(str(v).lower() for v in self.values(spec))
+            self._memo[key] = found
+        return found
+
+    def headers(self) -> dict[str, tuple[str, ...]]:
+        """Decoded header fields of the message (empty before DATA)."""
+        if self.txn is None or not self.txn.message:
+            return {}
+        cached = self.txn.extras.get(_HEADERS_KEY)
+        if cached is None:
+            cached = decoded_headers(self.txn.headers)
+            self.txn.extras[_HEADERS_KEY] = cached
+        return cached
+
+    def from_field(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Display names and addresses of From."""
+        if self.txn is None or not self.txn.message:
+            return (), ()
+        cached = self.txn.extras.get(_FROM_KEY)
+        if cached is None:
+            cached = from_parts(self.txn.headers)
+            self.txn.extras[_FROM_KEY] = cached
+        return tuple(cached[0]), tuple(cached[1])
+
+    def body(self) -> BodyFacts:
+        """Body facts of the message, parsed once per transaction."""
+        if self.txn is None or not self.txn.message:
+            return BodyFacts("", (), (), (), 0)
+        cached = self.txn.extras.get(_BODY_KEY)
+        if not isinstance(cached, BodyFacts):
+            cached = parse_body(self.txn.message)
+            self.txn.extras[_BODY_KEY] = cached
+        return cached
+
+    @property
+    def score(self) -> float:
+        """The score so far: the transaction's, or the connection's before MAIL."""
+        if self.txn is not None:
+            return self.txn.score
+        return float(self.session.extras.get("rules_score", 0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """A field: its name, kind, the first stage it is known at, and how to read it."""
+
+    name: str
+    kind: Kind
+    stage: Stage
+    extract: Callable[[EvalContext], tuple[Any, ...]]
+    help: str
+
+
+def _get(obj: Any, name: str) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name)
+    value = getattr(obj, name, None)
+    if value is None:
+        details = getattr(obj, "details", None)
+        if isinstance(details, dict):
+            value = details.get(name)
+    return value
+
+
+def _result(ctx: EvalContext, name: str) -> list[Any]:
+    """Result objects of an authentication method (extras first, then results)."""
+    txn = ctx.txn
+    if txn is None:
+        return []
+    found = txn.extras.get(name)
+    if found is None:
+        found = txn.results.get(name)
+    if found is None:
+        return []
+    return list(found) if isinstance(found, list | tuple) else [found]
+
+
+def _words(ctx: EvalContext, method: str, attr: str) -> tuple[str, ...]:
+    return tuple(str(v).lower() for v in (_get(r, attr) for r in _result(ctx, method)) if v)
+
+
+def _arc_domains(ctx: EvalContext) -> tuple[str, ...]:
+    out: list[str] = []
+    for r in _result(ctx, "arc"):
+        domains = _get(r, "domains") or ()
+        out.extend(str(d).lower() for d in ([domains] if isinstance(domains, str) else domains))
+    return tuple(out)
+
+
+def _rcpts(ctx: EvalContext) -> tuple[str, ...]:
+    if ctx.stage is Stage.RCPT and ctx.rcpt is not None:
+        return (ctx.rcpt.address,)
+    return tuple(r.address for r in ctx.txn.recipients) if ctx.txn else ()
+
+
+def _rcpt_count(ctx: EvalContext) -> tuple[float, ...]:
+    if ctx.txn is None:
+        return ()
+    known = list(ctx.txn.recipients)
+    if ctx.rcpt is not None and ctx.rcpt not in known:
+        known.append(ctx.rcpt)
+    return (float(len(known)),)
+
+
+def _size(ctx: EvalContext) -> tuple[float, ...]:
+    txn = ctx.txn
+    if txn is None:
+        return ()
+    if txn.message:
+        return (float(len(txn.message)),)
+    for param in txn.mail_params:
+        key, _, value = param.partition("=")
+        if key.upper() == "SIZE" and value.isdigit():
+            return (float(value),)
+    return ()
+
+
+def _mail_from(ctx: EvalContext) -> tuple[str, ...]:
+    return (ctx.txn.mail_from,) if ctx.txn is not None else ()
+
+
+def _local(address: str) -> str:
+    return address.rpartition("@")[0] if "@" in address else address
+
+
+def _attachments(ctx: EvalContext, pick: Callable[[Any], Any]) -> tuple[Any, ...]:
+    return tuple(v for v in (pick(a) for a in ctx.body().attachments) if v not in (None, ""))
+
+
+def _archive_names(ctx: EvalContext) -> tuple[str, ...]:
+    return tuple(n for a in ctx.body().attachments if a.archive for n in a.archive.names)
+
+
+def _ext(name: str) -> str:
+    base = name.rsplit("/", 1)[-1].rstrip(". \t")
+    return base.rpartition(".")[2].lower() if "." in base else ""
+
+
+def _f(
+    name: str, kind: Kind, stage: Stage, extract: Callable[[EvalContext], tuple[Any, ...]], help: str
+) -> FieldSpec:
+    return FieldSpec(name, kind, stage, extract, help)
+
+
+T, IPK, N, B = Kind.TEXT, Kind.IP, Kind.NUMBER, Kind.BOOL
+C, H, M, R, D = Stage.CONNECT, Stage.HELO, Stage.MAIL, Stage.RCPT, Stage.DATA
+
+FIELDS: dict[str, FieldSpec] = {
+    f.name: f
+    for f in (
+        _f("client.ip", IPK, C, lambda c: (c.session.client_ip,), "the client's IP address"),
+        _f(
+            "client.rdns",
+            T,
+            C,
+            lambda c: (c.session.rdns,) if c.session.rdns else (),
+            "verified reverse DNS name",
+        ),
+        _f("helo", T, H, lambda c: (c.session.helo,) if c.session.helo else (), "the HELO/EHLO name"),
+        _f("tls", B, H, lambda c: (c.session.tls is not None,), "true when the client used STARTTLS"),
+        _f("tls.version", T, H, lambda c: (c.session.tls.version,) if c.session.tls else (), "e.g. TLSv1.3"),
+        _f("mail_from", T, M, _mail_from, "MAIL FROM address ('' for the null sender)"),
+        _f("mail_from.local", T, M, lambda c: tuple(_local(a) for a in _mail_from(c)), "local part"),
+        _f("mail_from.domain", T, M, lambda c: tuple(domain_of(a) for a in _mail_from(c)), "domain"),
+        _f("rcpt", T, R, _rcpts, "each RCPT TO address (at stage rcpt: the one being checked)"),
+        _f("rcpt.local", T, R, lambda c: tuple(_local(a) for a in _rcpts(c)), "local part of each recipient"),
+        _f("rcpt.domain", T, R, lambda c: tuple(domain_of(a) for a in _rcpts(c)), "domain of each recipient"),
+        _f("rcpt.count", N, R, _rcpt_count, "number of recipients so far"),
+        _f("size", N, M, _size, "message size in bytes (declared SIZE= before DATA)"),
+        _f("spf", T, M, lambda c: _words(c, "spf", "result"), "SPF result word"),
+        _f("score", N, C, lambda c: (c.score,), "the score so far"),
+        _f("subject", T, D, lambda c: c.headers().get("subject", ()), "Subject, decoded"),
+        _f("from.name", T, D, lambda c: c.from_field()[0], "From display name, decoded"),
+        _f("from.address", T, D, lambda c: c.from_field()[1], "From address"),
+        _f("from.domain", T, D, lambda c: tuple(domain_of(a) for a in c.from_field()[1]), "From domain"),
+        _f("body", T, D, lambda c: (c.body().text,), "text of text/plain and text/html parts"),
+        _f("url", T, D, lambda c: c.body().urls, "each URL in the body"),
+        _f("url.domain", T, D, lambda c: c.body().url_domains, "each URL's host name"),
+        _f("attachment.name", T, D, lambda c: _attachments(c, lambda a: a.filename), "file name"),
+        _f("attachment.extension", T, D, lambda c: _attachments(c, lambda a: a.extension), "last extension"),
+        _f("attachment.type", T, D, lambda c: _attachments(c, lambda a: a.declared_type), "declared type"),
+        _f(
+            "attachment.detected_type", T, D, lambda c: _attachments(c, lambda a: a.detected_type), "by magic"
+        ),
+        _f("attachment.size", N, D, lambda c: _attachments(c, lambda a: float(a.size)), "decoded size"),
+        _f("attachment.count", N, D, lambda c: (float(len(c.body().attachments)),), "number of attachments"),
+        _f("archive.name", T, D, _archive_names, "names inside zip attachments (nested: outer.zip/inner)"),
+        _f("archive.extension", T, D, lambda c: tuple(e for e in map(_ext, _archive_names(c)) if e), "ext"),
+        _f(
+            "archive.encrypted",
+            B,
+            D,
+            lambda c: (any(a.archive.encrypted for a in c.body().attachments if a.archive),),
+            "true when a zip attachment has encrypted entries",
+        ),
+        _f("dkim", T, D, lambda c: _words(c, "dkim", "result"), "each DKIM signature's result"),
+        _f("dkim.domain", T, D, lambda c: _words(c, "dkim", "domain"), "each DKIM signature's d= domain"),
+        _f(
+            "dkim.pass_domain",
+            T,
+            D,
+            lambda c: tuple(
+                str(_get(r, "domain")).lower()
+                for r in _result(c, "dkim")
+                if str(_get(r, "result")).lower() == "pass" and _get(r, "domain")
+            ),
+            "domains of passing DKIM signatures",
+        ),
+        _f("dmarc", T, D, lambda c: _words(c, "dmarc", "result"), "DMARC result word"),
+        _f(
+            "dmarc.policy",
+            T,
+            D,
+            lambda c: _words(c, "dmarc", "policy"),
+            "published policy (none/quarantine/reject)",
+        ),
+        _f("dmarc.disposition", T, D, lambda c: _words(c, "dmarc", "disposition"), "what DMARC decided"),
+        _f("arc", T, D, lambda c: _words(c, "arc", "result"), "ARC chain result"),
+        _f("arc.domain", T, D, _arc_domains, "domains of the ARC sealers"),
+    )
+}
+
+
+def header_field(name: str) -> FieldSpec:
+    """The field ``header.NAME``: every occurrence of that header, decoded."""
+    low = name.lower()
+    return FieldSpec("header." + low, Kind.TEXT, Stage.DATA, lambda c: c.headers().get(low, ()), "a header")
+
+
+def lookup(name: str) -> FieldSpec | None:
+    """The field called ``name`` (``header.X-Anything`` included), or None."""
+    if name.lower().startswith("header.") and len(name) > len("header."):
+        return header_field(name[len("header.") :])
+    return FIELDS.get(name)

@@ -1,0 +1,352 @@
+"""Inline rule tests: the ``tests:`` of rule files, run through RulesCheck on built sessions.
+
+A test gives a message (inline text, or ``{file: x.eml}`` relative to the rule
+file), envelope facts, the authentication results to assume, and what to
+expect::
+
+    tests:
+      - name: exe attachment is refused
+        message: {file: samples/invoice-exe.eml}
+        client_ip: 192.0.2.7          # defaults: 192.0.2.1, mail.example.net,
+        helo: mx.example.net          #   sender@example.net, [user@example.org]
+        mail_from: billing@example.net
+        rcpts: [user@example.org]
+        spf: pass
+        dkim: [{domain: example.net, result: pass}]
+        dmarc: {result: pass, policy: none}
+        dnsbl: {zen.example: [127.0.0.2]}   # listings to assume instead of DNS
+        expect: {action: reject, code: 554, rules: [reject_executables]}
+
+Every test runs against the whole rule set (all files), as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smtpproxy.config import ScoresConfig
+from smtpproxy.metrics import Metrics
+from smtpproxy.rules.check import DnsResolver
+from smtpproxy.rules.engine import RulesEngine
+from smtpproxy.rules.loader import LList, LMap, Problem, describe, line_of
+from smtpproxy.rules.ruleset import RuleSet, TestBlock, load_ruleset
+from smtpproxy.session import CheckResult, Recipient, Session, TlsInfo, Transaction, new_id
+from smtpproxy.stages import Stage
+from smtpproxy.verdict import Action, HeaderEdit, Verdict
+
+TEST_KEYS = ("name", "message", "client_ip", "client_rdns", "helo", "tls", "mail_from", "rcpts")
+AUTH_KEYS = ("spf", "dkim", "dmarc", "arc", "dnsbl")
+EXPECT_KEYS = ("action", "code", "enhanced", "rules", "rules_exact", "not_rules", "headers")
+ACTION_WORDS = {a.word: a for a in Action} | {"deliver": Action.CONTINUE}
+
+
+@dataclass(frozen=True, slots=True)
+class AssumedResult:
+    """An authentication result a test assumes (what the auth checks would have found)."""
+
+    result: str
+    domain: str = ""
+    policy: str = ""
+    disposition: str = ""
+    domains: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class TestCase:
+    """One compiled inline test."""
+
+    file: str
+    line: int
+    name: str
+    message: bytes
+    facts: dict[str, Any]
+    expect: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the rules did to a test message."""
+
+    action: Action = Action.CONTINUE
+    code: int | None = None
+    enhanced: str = ""
+    stage: str = ""
+    rules: list[str] = field(default_factory=list)
+    edits: tuple[HeaderEdit, ...] = ()
+    score: float = 0.0
+
+
+@dataclass(slots=True)
+class TestResult:
+    """The verdict on one test."""
+
+    file: str
+    line: int
+    name: str
+    failures: list[str]
+    outcome: Outcome | None
+
+    @property
+    def passed(self) -> bool:
+        """True when every expectation held."""
+        return not self.failures
+
+
+@dataclass(slots=True)
+class TestReport:
+    """Every test of a rules folder."""
+
+    results: list[TestResult]
+
+    @property
+    def passed(self) -> bool:
+        """True when all tests passed (and there were no invalid tests)."""
+        return all(r.passed for r in self.results)
+
+    def render(self) -> str:
+        """The pass/fail report printed by ``smtpproxy rules test``."""
+        lines = []
+        for r in self.results:
+            mark = "PASS" if r.passed else "FAIL"
+            got = ""
+            if r.outcome is not None:
+                o = r.outcome
+                code = f" {o.code}" if o.code else ""
+                got = f" -> {o.action.word}{code} at {o.stage or '-'}, score {o.score:g}, rules {o.rules or '[]'}"
+            lines.append(f"{mark} {r.file}:{r.line}: {r.name}{got}")
+            lines.extend(f"     {failure}" for failure in r.failures)
+        failed = sum(not r.passed for r in self.results)
+        lines.append(f"{len(self.results) - failed} passed, {failed} failed")
+        return "\n".join(lines)
+
+
+def _problem(file: str, line: int, name: str, message: str) -> Problem:
+    return Problem(file, line, name, message, kind="test")
+
+
+def _message(block: TestBlock, node: Any, line: int, problems: list[Problem], name: str) -> bytes:
+    if isinstance(node, str):
+        return node.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
+    if isinstance(node, dict) and set(node) == {"file"}:
+        path = block.path.parent / str(node["file"])
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            problems.append(_problem(block.file, line, name, f"test message {node['file']}: {err.strerror}"))
+            return b""
+    problems.append(
+        _problem(block.file, line, name, f"message: expected text or {{file: x.eml}}, got {describe(node)}")
+    )
+    return b""
+
+
+def compile_tests(block: TestBlock) -> tuple[list[TestCase], list[Problem]]:
+    """Validate the ``tests:`` of one file."""
+    problems: list[Problem] = []
+    node = block.node
+    if not isinstance(node, list):
+        return [], [
+            _problem(block.file, line_of(node), "", f"tests: expected a list of tests, got {describe(node)}")
+        ]
+    cases = []
+    lines = node.item_lines if isinstance(node, LList) else [0] * len(node)
+    for item, line in zip(node, lines, strict=True):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            problems.append(
+                _problem(block.file, line, "", "test: expected a mapping with a name, message and expect")
+            )
+            continue
+        name = repr(item["name"])
+        where = item.line_of if isinstance(item, LMap) else (lambda _k, ln=line: ln)
+        for key in item:
+            if key not in (*TEST_KEYS, *AUTH_KEYS, "expect"):
+                allowed = ", ".join((*TEST_KEYS, *AUTH_KEYS, "expect"))
+                problems.append(
+                    _problem(block.file, where(key), name, f"unknown key {key!r}; expected one of {allowed}")
+                )
+        expect = item.get("expect")
+        if not isinstance(expect, dict) or not expect or set(expect) - set(EXPECT_KEYS):
+            problems.append(
+                _problem(
+                    block.file,
+                    where("expect"),
+                    name,
+                    f"expect: expected a mapping of {', '.join(EXPECT_KEYS)}, got {describe(expect)}",
+                )
+            )
+            continue
+        if "action" in expect and str(expect["action"]) not in ACTION_WORDS:
+            problems.append(
+                _problem(
+                    block.file,
+                    where("expect"),
+                    name,
+                    f"expect.action: expected one of {', '.join(ACTION_WORDS)}, got {describe(expect['action'])}",
+                )
+            )
+        try:
+            ipaddress.ip_address(str(item.get("client_ip", "192.0.2.1")))
+        except ValueError:
+            problems.append(
+                _problem(block.file, where("client_ip"), name, "client_ip: expected an IP address")
+            )
+        message = _message(block, item.get("message", ""), where("message"), problems, name)
+        facts = {k: item[k] for k in (*TEST_KEYS, *AUTH_KEYS) if k in item and k not in ("name", "message")}
+        cases.append(TestCase(block.file, line, str(item["name"]), message, facts, dict(expect)))
+    return cases, problems
+
+
+def _auth(value: Any) -> list[AssumedResult]:
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            domains = item.get("domains", ())
+            out.append(
+                AssumedResult(
+                    str(item.get("result", "")),
+                    str(item.get("domain", "")),
+                    str(item.get("policy", "")),
+                    str(item.get("disposition", "")),
+                    tuple(str(d) for d in ([domains] if isinstance(domains, str) else domains)),
+                )
+            )
+        else:
+            out.append(AssumedResult(str(item)))
+    return out
+
+
+def _session(facts: dict[str, Any]) -> Session:
+    session = Session(
+        new_id(), ipaddress.ip_address(str(facts.get("client_ip", "192.0.2.1"))), 25, "127.0.0.1", 25
+    )
+    session.rdns = facts.get("client_rdns")
+    tls = facts.get("tls")
+    if tls:
+        session.tls = TlsInfo(tls if isinstance(tls, str) else "TLSv1.3", "TEST", 256)
+    dnsbl = facts.get("dnsbl") or {}
+    session.extras["rules_dnsbl"] = {
+        str(z).lower(): tuple(str(r) for r in (v if isinstance(v, list) else [v])) for z, v in dnsbl.items()
+    }
+    return session
+
+
+def _verdict(value: Any) -> Verdict | None:
+    return value if isinstance(value, Verdict) else None
+
+
+def _stop(outcome: Outcome, verdict: Verdict | None, stage: Stage) -> bool:
+    if verdict is None or not verdict.is_terminal:
+        return False
+    outcome.action = verdict.action
+    outcome.stage = stage.value
+    if verdict.reply is not None:
+        outcome.code, outcome.enhanced = verdict.reply.code, verdict.reply.enhanced
+    outcome.edits = verdict.header_edits
+    return True
+
+
+async def run_case(engine: RulesEngine, case: TestCase) -> Outcome:
+    """Drive one test message through every stage of RulesCheck, as the pipeline would."""
+    check, facts, outcome = engine.check, case.facts, Outcome()
+    session = _session(facts)
+    verdict = await check.connect(session)
+    if _stop(outcome, _verdict(verdict), Stage.CONNECT):
+        outcome.rules = [m["rule"] for m in session.extras.get("rules_matches", [])]
+        return outcome
+    session.helo = str(facts.get("helo", "mail.example.net"))
+    verdict = await check.helo(session)
+    if _stop(outcome, _verdict(verdict), Stage.HELO):
+        outcome.rules = [m["rule"] for m in session.extras.get("rules_matches", [])]
+        return outcome
+    txn = Transaction(new_id(), str(facts.get("mail_from", "sender@example.net")))
+    for method in ("spf", "dkim", "dmarc", "arc"):
+        if method in facts:
+            results = _auth(facts[method])
+            txn.extras[method] = results if method == "dkim" else results[0]
+            txn.results[method] = CheckResult(method, results[0].result if results else "none")
+    if not _stop(outcome, _verdict(await check.mail(session, txn)), Stage.MAIL):
+        accepted = False
+        for address in facts.get("rcpts", ["user@example.org"]):
+            rcpt = Recipient(str(address))
+            verdict = _verdict(await check.rcpt(session, txn, rcpt))
+            if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
+                _stop(outcome, verdict, Stage.RCPT)  # this recipient is refused; the others go on
+                continue
+            txn.recipients.append(rcpt)
+            if _stop(outcome, verdict, Stage.RCPT):
+                accepted = True  # an ACCEPT skips the later stages, as in the pipeline
+                break
+        if txn.recipients and not accepted:
+            txn.message = case.message
+            data_outcome = Outcome()
+            verdict = _verdict(await check.data(session, txn))
+            if not _stop(data_outcome, verdict, Stage.DATA) and verdict is not None:
+                data_outcome.edits = verdict.header_edits
+            outcome.action, outcome.code, outcome.enhanced = (
+                data_outcome.action,
+                data_outcome.code,
+                data_outcome.enhanced,
+            )
+            outcome.stage, outcome.edits = data_outcome.stage, data_outcome.edits
+    outcome.rules = list(dict.fromkeys(txn.matched_rules))
+    outcome.score = txn.score
+    return outcome
+
+
+def check_expectations(case: TestCase, outcome: Outcome) -> list[str]:
+    """The expectations of ``case`` that ``outcome`` does not meet."""
+    expect, failures = case.expect, []
+    if "action" in expect and ACTION_WORDS[str(expect["action"])] is not outcome.action:
+        failures.append(f"expected action {expect['action']}, got {outcome.action.word}")
+    if "code" in expect and expect["code"] != outcome.code:
+        failures.append(f"expected reply code {expect['code']}, got {outcome.code}")
+    if "enhanced" in expect and str(expect["enhanced"]) != outcome.enhanced:
+        failures.append(f"expected enhanced code {expect['enhanced']}, got {outcome.enhanced or 'none'}")
+    wanted = [str(r) for r in expect.get("rules", [])]
+    missing = [r for r in wanted if r not in outcome.rules]
+    if missing:
+        failures.append(f"expected rules {missing} to match; matched {outcome.rules}")
+    if "rules_exact" in expect and sorted(map(str, expect["rules_exact"])) != sorted(outcome.rules):
+        failures.append(f"expected exactly rules {list(expect['rules_exact'])}; matched {outcome.rules}")
+    unwanted = [r for r in map(str, expect.get("not_rules", [])) if r in outcome.rules]
+    if unwanted:
+        failures.append(f"expected rules {unwanted} not to match")
+    for name, value in (expect.get("headers") or {}).items():
+        added = [e.value for e in outcome.edits if e.name.lower() == str(name).lower()]
+        if str(value) not in added:
+            failures.append(f"expected header {name}: {value}; added {added or 'none'}")
+    return failures
+
+
+async def run_rule_tests_async(
+    path: Path, resolver: DnsResolver | None = None, scores: ScoresConfig | None = None
+) -> TestReport:
+    """Load the rules folder (RulesError when it is bad) and run every inline test."""
+    ruleset: RuleSet = load_ruleset(path)
+    engine = RulesEngine(path, Metrics(process=False), resolver=resolver, scores=scores)
+    engine.current = ruleset
+    results = []
+    for block in ruleset.tests:
+        cases, problems = compile_tests(block)
+        results += [
+            TestResult(p.file, p.line, p.rule or "test", [f"invalid test: {p.message}"], None)
+            for p in problems
+        ]
+        for case in cases:
+            outcome = await run_case(engine, case)
+            results.append(
+                TestResult(case.file, case.line, case.name, check_expectations(case, outcome), outcome)
+            )
+    return TestReport(results)
+
+
+def run_rule_tests(
+    path: Path, resolver: DnsResolver | None = None, scores: ScoresConfig | None = None
+) -> TestReport:
+    """Synchronous :func:`run_rule_tests_async` for the CLI (starts its own event loop)."""
+    return asyncio.run(run_rule_tests_async(path, resolver, scores))

@@ -1,0 +1,295 @@
+"""DMARC: record parsing, alignment, policy choice, and evaluation against a real DNS server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from publicsuffixlist import PublicSuffixList
+
+from smtpproxy.auth.dkim import DkimSignatureResult
+from smtpproxy.auth.dmarc import (
+    DmarcEvaluator,
+    DmarcRecord,
+    DmarcRecordError,
+    aligned,
+    from_domains,
+    org_domain,
+    parse_dmarc_record,
+)
+from smtpproxy.auth.spf import SpfResult
+from smtpproxy.dns import Resolver
+from tests.dnsserver import DnsServer
+
+
+@pytest.fixture(scope="module")
+def psl() -> PublicSuffixList:
+    return PublicSuffixList()
+
+
+# Pure parts ------------------------------------------------------------------------
+
+
+def test_record_defaults() -> None:
+    assert parse_dmarc_record("v=DMARC1; p=reject") == DmarcRecord(p="reject")
+
+
+def test_record_all_tags_parsed() -> None:
+    r = parse_dmarc_record(
+        "v=DMARC1;p=Quarantine; sp=none ; np=reject; pct=25; adkim=s; aspf=S;"
+        " rua=mailto:a@example.org, mailto:b@example.net; ruf=mailto:f@example.org; fo=1"
+    )
+    assert r == DmarcRecord(
+        p="quarantine",
+        sp="none",
+        np="reject",
+        pct=25,
+        adkim="s",
+        aspf="s",
+        rua=("mailto:a@example.org", "mailto:b@example.net"),
+        ruf=("mailto:f@example.org",),
+        fo="1",
+    )
+
+
+@pytest.mark.parametrize("bad", ["pct=101", "pct=-1", "pct=ten", "adkim=x", "aspf=", "sp=drop", "np=?"])
+def test_invalid_optional_tags_fall_back_to_defaults(bad: str) -> None:
+    assert parse_dmarc_record(f"v=DMARC1; p=reject; {bad}") == DmarcRecord(p="reject")
+
+
+@pytest.mark.parametrize("text", ["p=reject", "v=DMARC2; p=reject", "v=spf1 -all", "", "v=DMARC1; p=drop"])
+def test_not_a_usable_record(text: str) -> None:
+    with pytest.raises(DmarcRecordError):
+        parse_dmarc_record(text)
+
+
+def test_invalid_p_with_rua_counts_as_p_none() -> None:
+    assert parse_dmarc_record("v=DMARC1; rua=mailto:d@example.org").p == "none"
+    assert parse_dmarc_record("v=DMARC1; p=bogus; rua=mailto:d@example.org").p == "none"
+
+
+def test_policy_for_subdomains_and_nonexistent_names() -> None:
+    r = DmarcRecord(p="reject", sp="quarantine", np="none")
+    assert r.policy_for(subdomain=False, nonexistent=False) == "reject"
+    assert r.policy_for(subdomain=True, nonexistent=False) == "quarantine"
+    assert r.policy_for(subdomain=True, nonexistent=True) == "none"
+    assert DmarcRecord(p="reject").policy_for(subdomain=True, nonexistent=True) == "reject"
+    assert DmarcRecord(p="reject", sp="none").policy_for(subdomain=True, nonexistent=True) == "none"
+
+
+def test_org_domain_uses_public_suffix_list(psl: PublicSuffixList) -> None:
+    assert org_domain("mail.example.co.uk", psl) == "example.co.uk"
+    assert org_domain("a.b.example.org", psl) == "example.org"
+    assert org_domain("co.uk", psl) == "co.uk"
+
+
+@pytest.mark.parametrize(
+    ("domain", "from_domain", "mode", "expected"),
+    [
+        ("example.org", "example.org", "s", True),
+        ("mail.example.org", "example.org", "s", False),
+        ("mail.example.org", "example.org", "r", True),
+        ("example.org", "news.example.org", "r", True),
+        ("Example.ORG.", "example.org", "s", True),
+        ("example.net", "example.org", "r", False),
+        ("a.example.co.uk", "b.example.co.uk", "r", True),
+        ("evil.co.uk", "example.co.uk", "r", False),
+    ],
+)
+def test_alignment(domain: str, from_domain: str, mode: str, expected: bool, psl: PublicSuffixList) -> None:
+    assert aligned(domain, from_domain, mode, psl) is expected
+
+
+def test_from_domains() -> None:
+    assert from_domains([]) is None
+    assert from_domains(["undisclosed-recipients:;"]) == []
+    assert from_domains(['"Bank" <alice@Example.ORG>', "bob@example.org, carol@example.net"]) == [
+        "example.org",
+        "example.net",
+    ]
+    assert from_domains(["y@-bad-.org", "z@localhost", "w@[192.0.2.1]"]) == []
+
+
+# Evaluation against DNS ------------------------------------------------------------
+
+ZONE: dict[str, list[tuple[str, object]] | str] = {
+    "_dmarc.example.org": [("TXT", "v=DMARC1; p=reject; rua=mailto:d@example.org")],
+    "example.org": [("A", "192.0.2.1")],
+    "mail.example.org": [("A", "192.0.2.1")],
+    "_dmarc.quarantine.example": [("TXT", "v=DMARC1; p=quarantine")],
+    "_dmarc.half.example": [("TXT", "v=DMARC1; p=reject; pct=50")],
+    "_dmarc.none.example": [("TXT", "v=DMARC1; p=none")],
+    "_dmarc.strict.example": [("TXT", "v=DMARC1; p=reject; adkim=s; aspf=s")],
+    "_dmarc.sub.example": [("TXT", "v=DMARC1; p=reject; sp=quarantine; np=none")],
+    "real.sub.example": [("A", "192.0.2.2")],
+    "_dmarc.two.example": [("TXT", "v=DMARC1; p=reject"), ("TXT", "v=DMARC1; p=none")],
+    "_dmarc.mixed.example": [("TXT", "v=spf1 -all"), ("TXT", "v=DMARC1; p=quarantine")],
+    "_dmarc.slow.example": "TIMEOUT",
+    "_dmarc.broken.example": "SERVFAIL",
+    "_dmarc.bogus.example": [("TXT", "v=DMARC1; p=bogus")],
+    "_dmarc.example.co.uk": [("TXT", "v=DMARC1; p=reject")],
+}
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    with DnsServer(dict(ZONE)) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def resolver(dns: DnsServer) -> AsyncIterator[Resolver]:
+    r = Resolver([dns.address], timeout=0.5)
+    yield r
+    await r.close()
+
+
+@pytest.fixture
+def evaluator(resolver: Resolver, psl: PublicSuffixList) -> DmarcEvaluator:
+    return DmarcEvaluator(resolver, psl, random=lambda: 0.99)
+
+
+def spf(result: str, domain: str) -> SpfResult:
+    return SpfResult(result, domain, "mailfrom", f"bounce@{domain}", "")
+
+
+def dkim(result: str, domain: str) -> DkimSignatureResult:
+    return DkimSignatureResult(result, domain, "sel", "rsa-sha256", "abcdefgh", f"@{domain}", "")
+
+
+async def test_dkim_aligned_pass(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(
+        ["alice@example.org"], spf("fail", "evil.example"), [dkim("pass", "example.org")]
+    )
+    assert (r.result, r.policy, r.disposition, r.dkim_aligned, r.spf_aligned) == (
+        "pass",
+        "reject",
+        "none",
+        True,
+        False,
+    )
+    assert r.record is not None and r.record.rua == ("mailto:d@example.org",)
+
+
+async def test_spf_relaxed_aligned_pass(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["alice@example.org"], spf("pass", "bounces.example.org"), [])
+    assert (r.result, r.spf_aligned, r.dkim_aligned) == ("pass", True, False)
+
+
+async def test_unaligned_passes_fail_with_reject(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(
+        ["Bank <alice@example.org>"], spf("pass", "evil.example"), [dkim("pass", "evil.example")]
+    )
+    assert (r.result, r.policy, r.disposition) == ("fail", "reject", "reject")
+    assert (r.from_domain, r.org_domain) == ("example.org", "example.org")
+
+
+async def test_aligned_but_failing_dkim_does_not_count(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(
+        ["a@example.org"], None, [dkim("fail", "example.org"), dkim("policy", "example.org")]
+    )
+    assert r.result == "fail"
+
+
+async def test_strict_alignment_rejects_subdomain_identifiers(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(
+        ["a@strict.example"], spf("pass", "mail.strict.example"), [dkim("pass", "mail.strict.example")]
+    )
+    assert (r.result, r.spf_aligned, r.dkim_aligned) == ("fail", False, False)
+    ok = await evaluator.evaluate(["a@strict.example"], None, [dkim("pass", "strict.example")])
+    assert ok.result == "pass"
+
+
+async def test_quarantine_policy(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["a@quarantine.example"], None, [])
+    assert (r.result, r.policy, r.disposition) == ("fail", "quarantine", "quarantine")
+
+
+async def test_pct_sampling_is_injected(resolver: Resolver, psl: PublicSuffixList) -> None:
+    sampled = await DmarcEvaluator(resolver, psl, random=lambda: 0.1).evaluate(["a@half.example"], None, [])
+    assert (sampled.policy, sampled.disposition) == ("reject", "reject")
+    spared = await DmarcEvaluator(resolver, psl, random=lambda: 0.7).evaluate(["a@half.example"], None, [])
+    assert (spared.policy, spared.disposition) == ("reject", "quarantine")
+
+
+async def test_p_none_fails_with_disposition_none(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["a@none.example"], None, [])
+    assert (r.result, r.policy, r.disposition) == ("fail", "none", "none")
+
+
+async def test_subdomain_falls_back_to_org_record_and_uses_sp(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["a@real.sub.example"], None, [])
+    assert (r.result, r.policy, r.org_domain) == ("fail", "quarantine", "sub.example")
+
+
+async def test_nonexistent_subdomain_uses_np(evaluator: DmarcEvaluator, dns: DnsServer) -> None:
+    r = await evaluator.evaluate(["a@ghost.sub.example"], None, [])
+    assert (r.result, r.policy, r.disposition) == ("fail", "none", "none")
+    assert dns.count("ghost.sub.example", "A") == 1
+
+
+async def test_org_domain_itself_uses_p(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["a@sub.example"], None, [])
+    assert r.policy == "reject"
+
+
+async def test_subdomain_under_two_label_suffix(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["a@mail.example.co.uk"], None, [dkim("pass", "example.co.uk")])
+    assert (r.result, r.org_domain, r.policy) == ("pass", "example.co.uk", "reject")
+
+
+async def test_no_record_is_none(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["a@nodmarc.example"], spf("pass", "nodmarc.example"), [])
+    assert (r.result, r.policy, r.disposition, r.reason) == ("none", "", "none", "no DMARC record")
+
+
+async def test_two_records_mean_no_dmarc_processing(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["a@two.example"], None, [])
+    assert (r.result, r.disposition) == ("none", "none")
+    assert "2 DMARC records" in r.reason
+
+
+async def test_other_txt_records_are_ignored(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["a@mixed.example"], None, [])
+    assert (r.result, r.policy) == ("fail", "quarantine")
+
+
+async def test_unusable_record_is_no_record(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["a@bogus.example"], None, [])
+    assert r.result == "none"
+
+
+@pytest.mark.parametrize("domain", ["slow.example", "broken.example", "x.slow.example"])
+async def test_dns_failure_is_temperror(evaluator: DmarcEvaluator, domain: str) -> None:
+    r = await evaluator.evaluate([f"a@{domain}"], None, [])
+    assert (r.result, r.disposition) == ("temperror", "none")
+
+
+async def test_no_from_field_is_permerror(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate([], spf("pass", "example.org"), [])
+    assert (r.result, r.disposition, r.reason) == ("permerror", "none", "no From header field")
+
+
+async def test_from_without_domain_is_permerror(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["undisclosed-recipients:;"], None, [])
+    assert (r.result, r.reason) == ("permerror", "no usable domain in From")
+
+
+async def test_two_from_fields_same_domain_evaluated_once(evaluator: DmarcEvaluator, dns: DnsServer) -> None:
+    r = await evaluator.evaluate(["a@example.org", "b@EXAMPLE.org"], None, [dkim("pass", "example.org")])
+    assert r.result == "pass"
+    assert dns.count("_dmarc.example.org", "TXT") == 1
+
+
+async def test_several_author_domains_strictest_wins(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate(["a@none.example, b@example.org"], None, [dkim("pass", "none.example")])
+    assert (r.result, r.from_domain, r.disposition) == ("fail", "example.org", "reject")
+    both_pass = await evaluator.evaluate(
+        ["a@none.example", "b@example.org"], None, [dkim("pass", "none.example"), dkim("pass", "example.org")]
+    )
+    assert both_pass.result == "pass"
+
+
+async def test_too_many_author_domains_is_rejectable_permerror(evaluator: DmarcEvaluator) -> None:
+    r = await evaluator.evaluate([", ".join(f"a@d{i}.example" for i in range(6))], None, [])
+    assert (r.result, r.disposition) == ("permerror", "reject")
