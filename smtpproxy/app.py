@@ -48,9 +48,11 @@ def make_backend(url: str, config: Config, metrics: Metrics) -> Backend:
 class App:
     """One proxy instance built from a validated Config."""
 
-    def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, *, metrics: Metrics | None = None, worker: bool = False) -> None:
         self.config = config
-        self.metrics = metrics or Metrics()
+        self.worker = worker  # one of several processes sharing the port (workers: N)
+        # Worker processes report through the supervisor's multiprocess directory.
+        self.metrics = metrics or Metrics(process=not worker)
         self.logs = EventLog()
         self.resolver = Resolver(
             config.dns.nameservers,
@@ -221,10 +223,11 @@ class App:
             port=addr.port,
             family=socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC,
             reuse_address=True,
+            reuse_port=self.worker,
             backlog=1024,
         )
         self._ready_cache = (0.0, None)
-        maddr = self.config.metrics_address
+        maddr = None if self.worker else self.config.metrics_address
         if maddr is not None:
             self._metrics_server = MetricsServer(
                 self.metrics.registry, self.readiness, maddr.host, maddr.port

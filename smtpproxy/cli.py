@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(folder, config)
     if args.command == "check":
         return _check(config, args)
-    return serve(config)
+    return serve(config, args.config)
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:
@@ -104,9 +104,13 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT, then drain and exit 0."""
+def serve(config: Config, config_path: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain and exit 0 (with ``workers: N``, supervise N processes)."""
+    from smtpproxy.workers import Supervisor, is_worker
+
     setup_logging(config.log.format, config.log.level)
+    if config.workers > 1 and not is_worker():
+        return int(asyncio.run(Supervisor(config, config_path).run()))
     try:
         import uvloop
 
@@ -127,8 +131,10 @@ async def _serve(config: Config) -> int:
     from smtpproxy.app import App
     from smtpproxy.rules.loader import RulesError
 
+    from smtpproxy.workers import is_worker
+
     try:
-        app = App(config)
+        app = App(config, worker=is_worker())
     except RulesError as err:
         print(f"error: invalid rules in {config.rules_path}:\n{err.render()}", file=sys.stderr)
         return EXIT_CONFIG

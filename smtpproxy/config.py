@@ -398,6 +398,9 @@ class Config(_Model):
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
     log: LogConfig = LogConfig()
     shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
+    # Serving processes sharing the listening port (SO_REUSEPORT); metrics of
+    # all of them are aggregated on the one metrics port.
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
     check_timeout: PositiveFloat = 20.0
     # What a check that raises or times out turns into: a tempfail (451 4.3.0,
     # the sender retries) or nothing (the check is skipped, logged, counted).

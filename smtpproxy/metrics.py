@@ -12,7 +12,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    Info,
     PlatformCollector,
     ProcessCollector,
 )
@@ -35,8 +34,11 @@ class Metrics:
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
-        self.build_info = Info("smtpproxy_build", "Version of smtpproxy.", registry=r)
-        self.build_info.info({"version": __version__})
+        # A gauge rather than an Info: Info is not supported across worker processes.
+        self.build_info = Gauge(
+            "smtpproxy_build_info", "Version of smtpproxy.", ["version"], registry=r, multiprocess_mode="max"
+        )
+        self.build_info.labels(__version__).set(1)
 
         # Connections
         self.connections = Counter(
@@ -52,7 +54,10 @@ class Metrics:
             registry=r,
         )
         self.connections_active = Gauge(
-            "smtpproxy_connections_active", "Client connections currently open.", registry=r
+            "smtpproxy_connections_active",
+            "Client connections currently open.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connection_duration = Histogram(
             "smtpproxy_connection_duration_seconds",
@@ -136,15 +141,22 @@ class Metrics:
             registry=r,
         )
         self.backend_pool_size = Gauge(
-            "smtpproxy_backend_pool_connections", "Backend connections open (idle and in use).", registry=r
+            "smtpproxy_backend_pool_connections",
+            "Backend connections open (idle and in use).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.backend_pool_in_use = Gauge(
             "smtpproxy_backend_pool_in_use",
             "Backend connections currently lent to a transaction.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.backend_up = Gauge(
-            "smtpproxy_backend_up", "1 when the last backend connection attempt succeeded.", registry=r
+            "smtpproxy_backend_up",
+            "1 when the last backend connection attempt succeeded.",
+            registry=r,
+            multiprocess_mode="livemin",
         )
 
         # Authentication
@@ -168,11 +180,14 @@ class Metrics:
         self.rule_reloads = Counter(
             "smtpproxy_rule_reloads", "Rule reloads by outcome (success, failure).", ["outcome"], registry=r
         )
-        self.rules_loaded = Gauge("smtpproxy_rules_loaded", "Rules currently active.", registry=r)
+        self.rules_loaded = Gauge(
+            "smtpproxy_rules_loaded", "Rules currently active.", registry=r, multiprocess_mode="livemax"
+        )
         self.rules_last_reload = Gauge(
             "smtpproxy_rules_last_reload_timestamp_seconds",
             "Unix time of the last successful rule load.",
             registry=r,
+            multiprocess_mode="livemax",
         )
 
         # Rate limits
@@ -218,4 +233,5 @@ class Metrics:
             "smtpproxy_tls_certificate_expiry_timestamp_seconds",
             "Unix time at which the inbound TLS certificate expires.",
             registry=r,
+            multiprocess_mode="livemin",
         )

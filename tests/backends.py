@@ -74,10 +74,58 @@ class _Handler:
         return "250 2.0.0 Ok"
 
 
+class _ForwardingSMTP(SMTP):
+    """aiosmtpd plus XCLIENT and XFORWARD, the way Postfix offers them to trusted clients."""
+
+    def __init__(self, backend: RecordingBackend, *args: Any, **kwargs: Any) -> None:
+        self.backend = backend
+        super().__init__(*args, **kwargs)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # Insert the extensions before the final line of aiosmtpd's reply.
+        pushed: list[str] = []
+        original = self.push
+
+        async def collect(status: Any) -> None:
+            pushed.append(status if isinstance(status, str) else status.decode())
+
+        self.push = collect  # type: ignore[method-assign]
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self.push = original  # type: ignore[method-assign]
+        last = pushed.pop() if pushed and pushed[-1].startswith("250 ") else None
+        for ext in self.backend.extra_extensions:
+            pushed.append(f"250-{ext}")
+        if last:
+            pushed.append(last)
+        for line in pushed:
+            await self.push(line)
+
+    async def smtp_XCLIENT(self, arg: str) -> None:
+        self.backend.forwarded.append(f"XCLIENT {arg}")
+        await self.push(f"220 {self.hostname} ESMTP")
+
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        self.backend.forwarded.append(f"XFORWARD {arg}")
+        await self.push("250 2.0.0 Ok")
+
+
 class RecordingBackend:
     """An aiosmtpd server in the test's event loop; behaviour set through attributes."""
 
-    def __init__(self, tls_context: Any = None) -> None:
+    def __init__(
+        self,
+        tls_context: Any = None,
+        *,
+        extra_extensions: tuple[str, ...] = (),
+        eight_bit: bool = True,
+        smtputf8: bool = True,
+    ) -> None:
+        self.extra_extensions = extra_extensions
+        self.forwarded: list[str] = []
+        self.eight_bit = eight_bit
+        self.smtputf8 = smtputf8
         self.messages: list[ReceivedMessage] = []
         self.commands: list[str] = []
         self.rcpt_replies: dict[str, str] = {}
@@ -92,9 +140,11 @@ class RecordingBackend:
 
     def _factory(self) -> SMTP:
         self.connections += 1
-        return SMTP(
+        return _ForwardingSMTP(
+            self,
             _Handler(self),
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=self.smtputf8,
+            decode_data=not self.eight_bit,
             hostname="backend.test",
             tls_context=self.tls_context,
             loop=asyncio.get_running_loop(),

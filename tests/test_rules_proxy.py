@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.backends import RecordingBackend
-from tests.smtpclient import RawClient, make_message
+from tests.smtpclient import RawClient, dot_stuff, make_message
 
 ACTIONS = {
     "reject": '{reject: {code: 554, enhanced: "5.7.1", text: "Refused by rule"}}',
@@ -20,7 +21,20 @@ ACTIONS = {
 }
 STAGES = ("mail", "rcpt", "data")
 # Authentication is not under test here: keep it from querying the (absent) DNS.
-QUIET = {"spf": {"enabled": False}, "dkim": {"enabled": False}, "arc": {"enabled": False}, "dmarc": {"enabled": False}}
+QUIET = {
+    "spf": {"enabled": False},
+    "dkim": {"enabled": False},
+    "arc": {"enabled": False},
+    "dmarc": {"enabled": False},
+}
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "rules"
+
+
+def read_file(path: str | Path) -> bytes:
+    """Sync file read (kept out of the async tests)."""
+    return Path(path).read_bytes()
 
 
 def write_rules(folder: Path) -> None:
@@ -49,16 +63,10 @@ async def send(proxy: Any, sender: str, message: bytes | None = None) -> tuple[l
         if r.code == 250:
             r = await c.cmd("DATA")
             if r.code == 354:
-                r = await c.cmd(c_stuff(message or make_message()) + b".")
+                r = await c.cmd(dot_stuff(message or make_message()) + b".")
             codes.append(r.code)
         await c.cmd("QUIT")
         return codes, r.text
-
-
-def c_stuff(body: bytes) -> bytes:
-    from tests.smtpclient import dot_stuff
-
-    return dot_stuff(body)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -104,19 +112,21 @@ async def test_quarantine_to_a_maildir(backend: RecordingBackend, start_proxy: A
     codes, _ = await send(proxy, "a@sender.example", make_message(subject="suspicious offer"))
     assert codes == [250, 250, 250]
     assert backend.messages == []
-    stored = list((maildir / "new").iterdir())
-    assert len(stored) == 1 and b"X-Smtpproxy-Quarantine: q" in stored[0].read_bytes()
+    stored = [read_file(e.path) for e in os.scandir(maildir / "new")]
+    assert len(stored) == 1 and b"X-Smtpproxy-Quarantine: q" in stored[0]
 
 
 async def test_shipped_rules_reject_an_executable_through_the_proxy(
     backend: RecordingBackend, start_proxy: Any
 ) -> None:
-    shipped = Path(__file__).resolve().parent.parent / "rules"
+    shipped = SHIPPED
     proxy = await start_proxy({"rules": str(shipped), **QUIET})
-    eml = (shipped / "samples" / "double-extension.eml").read_bytes()
+    eml = read_file(shipped / "samples" / "double-extension.eml")
     codes, text = await send(proxy, "billing@sender.example", eml)
     assert codes[-1] == 554 and text.startswith("5.7.1 Executable attachments")
-    codes, _ = await send(proxy, "billing@sender.example", (shipped / "samples" / "clean-attachments.eml").read_bytes())
+    codes, _ = await send(
+        proxy, "billing@sender.example", read_file(shipped / "samples" / "clean-attachments.eml")
+    )
     assert codes == [250, 250, 250] and len(backend.messages) == 1
 
 

@@ -41,8 +41,9 @@ class MemoryStore:
             raise ValueError(f"max_keys must be >= {WAYS}, got {max_keys}")
         self._sets = max_keys // WAYS
         size = self._sets * WAYS
-        self._hashes = array("q", bytes(8 * size))
-        self._tats = array("d", bytes(8 * size))
+        # Repetition allocates exactly ``size`` items (no growth slack, no temporary).
+        self._hashes = array("q", [0]) * size
+        self._tats = array("d", [0.0]) * size
         self._slots: dict[str, dict[str, float]] = {}
         self._acquired = 0
         self.clock = clock

@@ -18,6 +18,8 @@ from email.message import Message
 from typing import Any
 from urllib.parse import urlsplit
 
+import re2
+
 from smtpproxy.rules.archive import ZipLimits, ZipListing, sniff, zip_listing
 
 MAX_TEXT = 1_000_000  # characters of body text kept for rules (all text parts together)
@@ -25,7 +27,15 @@ MAX_HTML = 2_000_000  # characters of one HTML part converted to text
 MAX_PARTS = 256  # MIME parts walked
 MAX_URLS = 1000
 
-_URL = re.compile(r"""(?:https?|ftp)://[^\s<>"'`{}|\\^\[\]]+|\bwww\.[^\s<>"'`{}|\\^\[\]]+""", re.IGNORECASE)
+
+def _url_options() -> Any:
+    options = re2.Options()
+    options.case_sensitive = False
+    return options
+
+
+# RE2: Python's re needs ~1 ms per 15 KB for this case-insensitive alternation, RE2 ~0.05 ms.
+_URL = re2.compile(r"""(?:https?|ftp)://[^\s<>"'`{}|\\^\[\]]+|\bwww\.[^\s<>"'`{}|\\^\[\]]+""", _url_options())
 _HREF = re.compile(r"""\b(?:href|src)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>"']+))""", re.IGNORECASE)
 # [^<>] keeps the scan linear: an unclosed '<' stops at the next '<'.
 _TAG = re.compile(r"<[^<>]*>")
@@ -153,10 +163,12 @@ def extract_urls(texts: list[str], links: list[str]) -> tuple[tuple[str, ...], t
         if link.lower().startswith(("http://", "https://", "ftp://", "www.")):
             urls.setdefault(link, None)
     for text in texts:
-        for match in _URL.finditer(text):
+        if "://" not in text and "www." not in text.lower():
+            continue
+        for found in _URL.findall(text):
             if len(urls) >= MAX_URLS:
                 break
-            urls.setdefault(match.group(0).rstrip(_TRAILING), None)
+            urls.setdefault(str(found).rstrip(_TRAILING), None)
     kept = list(urls)[:MAX_URLS]
     domains = dict.fromkeys(d for d in (_domain(u) for u in kept) if d)
     return tuple(kept), tuple(domains)
