@@ -61,8 +61,8 @@ async def _builtin_sink(port: int) -> asyncio.base_events.Server:
                 else:
                     writer.write(b"250 2.0.0 Ok\r\n")
                 await writer.drain()
-        except ConnectionError:
-            pass
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the bench is over or the client went away
         writer.close()
 
     return await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)

@@ -118,7 +118,9 @@ async def micro(redis_url: str, messages: int) -> dict[str, Any]:
 
 
 async def proxy(redis_url: str, messages: int, sessions: int, rounds: int) -> dict[str, Any]:
-    use_postfix = shutil.which(tool("smtp-sink")) is not None and shutil.which(tool("smtp-source")) is not None
+    use_postfix = (
+        shutil.which(tool("smtp-sink")) is not None and shutil.which(tool("smtp-source")) is not None
+    )
     sink_port = free_port()
     sink_proc = sink_server = None
     if use_postfix:

@@ -37,6 +37,8 @@ from smtpproxy.verdict import Reply
 
 log = logging.getLogger("smtpproxy.app")
 
+BACKEND_PROBE_INTERVAL = 30.0  # seconds between backend probes while no client is connected
+
 
 def make_backend(url: str, config: Config, metrics: Metrics) -> Backend:
     """A Backend for ``smtp://``, ``smtps://`` or ``maildir:`` URLs."""
@@ -204,12 +206,9 @@ class App:
         """None when listening and the backend answers; else why not (cached one second)."""
         if self._server is None or not self._server.is_serving():
             return "not listening"
-        now = time.monotonic()
-        if now - self._ready_cache[0] < 1.0:
+        if time.monotonic() - self._ready_cache[0] < 1.0:
             return self._ready_cache[1]
-        problem = await self.backend.probe()
-        self._ready_cache = (now, problem)
-        return problem
+        return await self.probe_backend()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -254,13 +253,27 @@ class App:
         """The bound metrics port, None when disabled."""
         return self._metrics_server.port if self._metrics_server else None
 
+    async def probe_backend(self) -> str | None:
+        """Probe the backend now and record the outcome in ``smtpproxy_backend_up``."""
+        problem = await self.backend.probe()
+        self.metrics.backend_up.set(0 if problem else 1)
+        self._ready_cache = (time.monotonic(), problem)
+        return problem
+
     async def _housekeep(self) -> None:
+        # backend_up must be true from the start, not only after the first
+        # message; an idle proxy re-probes so the gauge keeps telling the truth.
+        last_probe = 0.0
         while True:
-            await asyncio.sleep(5)
             try:
+                now = time.monotonic()
+                if not self.connections and now - last_probe >= BACKEND_PROBE_INTERVAL:
+                    last_probe = now
+                    await self.probe_backend()
                 await self.backend.sweep()
             except Exception:
                 log.exception("backend housekeeping failed")
+            await asyncio.sleep(5)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let transactions in flight finish within ``grace`` seconds, close the rest."""

@@ -37,7 +37,12 @@ def _result(outcome: StageOutcome, stage: Stage) -> dict[str, Any]:
     reply = outcome.reply
     if reply is None:
         reply = DEFAULT_TEMPFAIL if outcome.action is Action.TEMPFAIL else DEFAULT_REJECT
-    return {"action": outcome.action.word, "stage": stage.value, "reply": reply.render(), "reason": outcome.decided_by}
+    return {
+        "action": outcome.action.word,
+        "stage": stage.value,
+        "reply": reply.render(),
+        "reason": outcome.decided_by,
+    }
 
 
 async def run_check(
@@ -53,7 +58,9 @@ async def run_check(
     app = App(config)
     try:
         message = raw_message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        session = Session(new_id(), ipaddress.ip_address(client_ip), 0, "127.0.0.1", 25, helo=helo, esmtp=True)
+        session = Session(
+            new_id(), ipaddress.ip_address(client_ip), 0, "127.0.0.1", 25, helo=helo, esmtp=True
+        )
         if config.dns.reverse_lookup:
             session.rdns = await app.resolver.reverse_name(client_ip)
         txn = Transaction(new_id(), mail_from)
@@ -80,7 +87,12 @@ async def run_check(
                     txn.recipients.append(rcpt)
                     rcpt_results.append({"rcpt": address, "action": "continue"})
             if not txn.recipients:
-                decided = {"action": "reject", "stage": "rcpt", "reply": "554 5.5.1 No valid recipients", "reason": ""}
+                decided = {
+                    "action": "reject",
+                    "stage": "rcpt",
+                    "reply": "554 5.5.1 No valid recipients",
+                    "reason": "",
+                }
         headers_added: list[str] = []
         if decided is None:
             txn.message = message
@@ -95,7 +107,9 @@ async def run_check(
                     "reply": reply.render(),
                     "reason": outcome.decided_by,
                 }
-                headers_added.append(received_header(session, txn, config.hostname).decode("utf-8", "replace").rstrip())
+                headers_added.append(
+                    received_header(session, txn, config.hostname).decode("utf-8", "replace").rstrip()
+                )
                 headers_added += [
                     f"{e.name}: {e.value}" for e in outcome.header_edits if e.kind is HeaderEditKind.ADD
                 ]

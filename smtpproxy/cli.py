@@ -45,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
     rules = sub.add_parser("rules", help="validate or test rule files")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
-    for name, text in (("check", "validate rule files and lists"), ("test", "run the rule files' inline tests")):
+    for name, text in (
+        ("check", "validate rule files and lists"),
+        ("test", "run the rule files' inline tests"),
+    ):
         p = rules_sub.add_parser(name, help=text)
         p.add_argument("dir", nargs="?", help="rules folder (default: the config's `rules`)")
         p.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
@@ -130,7 +133,6 @@ def serve(config: Config, config_path: str | None = None) -> int:
 async def _serve(config: Config) -> int:
     from smtpproxy.app import App
     from smtpproxy.rules.loader import RulesError
-
     from smtpproxy.workers import is_worker
 
     try:

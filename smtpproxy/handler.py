@@ -110,9 +110,9 @@ class ConnectionHandler:
             await self.end_transaction("aborted", "mail", "unfinished", None)
         sender = "" if address == "<>" else address
         txn = Transaction(new_id(), sender, tuple(options))
-        limited = self.app.session_limits.on_transaction(self.session) or self.app.session_limits.duration_exceeded(
-            self.session, time.monotonic()
-        )
+        limited = self.app.session_limits.on_transaction(
+            self.session
+        ) or self.app.session_limits.duration_exceeded(self.session, time.monotonic())
         if limited is not None and limited.reply is not None:
             self.close_after_reply = True
             return limited.reply.render()

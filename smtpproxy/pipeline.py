@@ -77,6 +77,7 @@ class Pipeline:
         outcome = StageOutcome()
         checks = self._by_stage[stage]
         if not checks:
+            self._stage_hist[stage].observe(0.0)
             return outcome
         if session.extras.get("accepted_by") or (txn is not None and txn.extras.get("accepted_by")):
             # An ACCEPT (allow-list) earlier in the session or transaction skips policy.

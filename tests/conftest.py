@@ -47,7 +47,10 @@ async def backend() -> AsyncIterator[RecordingBackend]:
 
 
 def proxy_config(
-    backend_port: int | None, overrides: dict[str, Any], base_dir: Path | None = None, dns: str = "127.0.0.1:9"
+    backend_port: int | None,
+    overrides: dict[str, Any],
+    base_dir: Path | None = None,
+    dns: str = "127.0.0.1:9",
 ) -> dict[str, Any]:
     """The test defaults for a proxy config, merged with ``overrides`` (one level deep for sections)."""
     data: dict[str, Any] = {

@@ -18,7 +18,9 @@ async def test_xforward_sent_before_mail_when_enabled_and_offered(start_proxy) -
         proxy = await start_proxy({"backend_options": {"forward_client": "xforward"}}, backend_port=b.port)
         async with RawClient(proxy.host, proxy.port) as c:
             await c.connect()
-            assert (await c.send_message("s@sender.example", ["user@example.org"], make_message(), helo="h+x=y")).code == 250
+            assert (
+                await c.send_message("s@sender.example", ["user@example.org"], make_message(), helo="h+x=y")
+            ).code == 250
         assert b.forwarded == ["XFORWARD ADDR=127.0.0.1 PROTO=ESMTP NAME=[UNAVAILABLE] HELO=h+2Bx+3Dy"]
         assert len(b.messages) == 1
     finally:
@@ -32,7 +34,9 @@ async def test_xclient_sent_per_transaction_when_enabled_and_offered(start_proxy
         async with RawClient(proxy.host, proxy.port) as c:
             await c.connect()
             for _ in range(2):
-                assert (await c.send_message("s@sender.example", ["user@example.org"], make_message())).code == 250
+                assert (
+                    await c.send_message("s@sender.example", ["user@example.org"], make_message())
+                ).code == 250
         assert b.forwarded == ["XCLIENT ADDR=127.0.0.1 PROTO=ESMTP NAME=[UNAVAILABLE] HELO=client.test"] * 2
         assert len(b.messages) == 2
     finally:
@@ -45,7 +49,9 @@ async def test_no_client_forwarding_unless_configured(start_proxy) -> None:
         proxy = await start_proxy(backend_port=b.port)
         async with RawClient(proxy.host, proxy.port) as c:
             await c.connect()
-            assert (await c.send_message("s@sender.example", ["user@example.org"], make_message())).code == 250
+            assert (
+                await c.send_message("s@sender.example", ["user@example.org"], make_message())
+            ).code == 250
         assert b.forwarded == []
     finally:
         await b.stop()
@@ -73,7 +79,9 @@ async def test_8bit_message_refused_when_backend_lacks_8bitmime(start_proxy) -> 
             r = await c.cmd("MAIL FROM:<s@sender.example> BODY=8BITMIME")
             assert r.code == 554 and r.text.startswith("5.6.3")
             # 7-bit mail still flows.
-            assert (await c.send_message("s@sender.example", ["user@example.org"], make_message())).code == 250
+            assert (
+                await c.send_message("s@sender.example", ["user@example.org"], make_message())
+            ).code == 250
         assert len(b.messages) == 1
     finally:
         await b.stop()
@@ -93,7 +101,9 @@ async def test_smtputf8_message_refused_when_backend_lacks_smtputf8(start_proxy)
         await b.stop()
 
 
-async def test_pooled_connection_closed_by_backend_is_replaced(backend: RecordingBackend, start_proxy) -> None:
+async def test_pooled_connection_closed_by_backend_is_replaced(
+    backend: RecordingBackend, start_proxy
+) -> None:
     proxy = await start_proxy()
     async with RawClient(proxy.host, proxy.port) as c:
         await c.connect()

@@ -77,3 +77,14 @@ async def test_healthz_and_readyz_follow_the_backend(backend: RecordingBackend, 
 async def test_unknown_path_and_method(backend: RecordingBackend, start_proxy) -> None:
     proxy = await start_proxy()
     assert (await fetch(proxy.metrics_url + "/nope"))[0] == 404
+
+
+async def test_backend_up_is_probed_at_start_without_traffic(backend: RecordingBackend, start_proxy) -> None:
+    proxy = await start_proxy()
+    for _ in range(50):
+        _, _, text = await fetch(proxy.metrics_url + "/metrics")
+        if sample(text, "smtpproxy_backend_up") == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert sample(text, "smtpproxy_backend_up") == 1
+    assert sample(text, "smtpproxy_stage_duration_seconds_count", stage="connect") == 0

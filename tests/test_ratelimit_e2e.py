@@ -38,7 +38,9 @@ async def test_connect_rate_gives_421_banner_and_close(backend: RecordingBackend
     await c.close()
 
 
-async def test_mail_rate_gives_450_and_the_session_goes_on(backend: RecordingBackend, start_proxy: Any) -> None:
+async def test_mail_rate_gives_450_and_the_session_goes_on(
+    backend: RecordingBackend, start_proxy: Any
+) -> None:
     limit = {"name": "msgs_per_ip", "key": "client_net", "rate": "500/hour", "burst": 1, "on": "mail"}
     proxy = await start_proxy({"ratelimits": [limit]})
     c, _, _ = await connect(proxy.host, proxy.port)

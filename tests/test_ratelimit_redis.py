@@ -276,3 +276,16 @@ async def test_store_error_kinds_and_bad_urls(tmp_path: Path) -> None:
     assert err.value.kind == "connection"
     assert not await dead.ping()
     await dead.close()
+
+
+async def test_concurrent_calls_batched_into_one_script_stay_exact(store: RedisStore) -> None:
+    # 30 sessions asking in the same event-loop turn share one script call;
+    # each is still its own all-or-nothing step, in order.
+    entry = RateEntry("batch:k", 3600.0, 10)
+    results = await asyncio.gather(
+        *(store.apply([entry, RateEntry(f"other:{i}", 3600.0, 1)]) for i in range(30))
+    )
+    assert sum(1 for r in results if r == [0.0, 0.0]) == 10
+    assert all(r[0] > 0 and r[1] == 0.0 for r in results if r != [0.0, 0.0])
+    # The refused groups wrote nothing: their "other" keys are still fresh.
+    assert (await store.apply([RateEntry("other:29", 3600.0, 1)])) == [0.0]

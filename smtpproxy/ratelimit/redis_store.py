@@ -1,7 +1,8 @@
 """The Redis store: limits shared exactly by every worker and every proxy instance.
 
 Every stage is one round trip: one ``EVALSHA`` of the Lua script below with the
-keys of all the stage's limits. The script reads Redis' own clock
+keys of all the stage's limits (and, batched in the same call, those of other
+sessions asking in the same event-loop turn). The script reads Redis' own clock
 (``redis.call('TIME')``) so machines with drifting clocks agree, checks every
 entry, and writes them only when all allow — atomically, as Redis runs a script
 alone. Keys carry a ``PEXPIRE`` for when they hold nothing any more (GCRA: the
@@ -10,7 +11,7 @@ TAT is in the past), so Redis memory follows the active keys only.
 Concurrency slots are a sorted set per key: member = connection token, score =
 expiry time. Expired members are dropped before counting, so the slots of a
 crashed process come back after ``ttl`` on their own; a normal disconnect
-removes the member at once (``ZREM``).
+removes the member at once (``ZREM``, in the same script).
 
 URLs (``ratelimit_store``):
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -43,10 +45,14 @@ from redis.backoff import NoBackoff
 
 from smtpproxy.ratelimit.store import REDIS_SCHEMES, Entry, RateEntry, SlotAcquire, StoreError
 
-# Entry layout: KEYS[i] and four ARGV per entry: kind, then
+# One call carries the requests of several sessions (see ``RedisStore``):
+# ARGV[1] lists the group sizes ("2,1,3"); each group is one ``apply`` and is
+# all-or-nothing on its own, groups run in order as if called one by one.
+# Then KEYS[i] and four ARGV per entry: kind, then
 #   g: interval_us, burst, cost             (GCRA step)
 #   c: token, limit, ttl_us                 (take a concurrency slot)
 #   r: token, -, ttl_us                     (refresh a held slot)
+#   x: token, -, -                          (release a slot)
 # Reply: one integer per entry: 0 allowed, else microseconds until it would be.
 # Numbers written to Redis go through string.format: Lua's tostring would print
 # microsecond timestamps in 14-digit exponent notation and lose precision.
@@ -54,46 +60,54 @@ SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local fmt = function(x) return string.format('%.0f', x) end
-local out, tats, refused = {}, {}, false
-for i, key in ipairs(KEYS) do
-  local a = (i - 1) * 4
-  local kind = ARGV[a + 1]
-  out[i] = 0
-  if kind == 'g' then
-    local interval, burst, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-    local tat = tonumber(redis.call('GET', key))
-    if tat == nil or tat < now then tat = now end
-    local new_tat = tat + interval * cost
-    local allow_at = new_tat - interval * burst
-    if allow_at > now then
-      out[i] = math.ceil(allow_at - now)
-      refused = true
-    else
-      tats[i] = new_tat
-    end
-  elseif kind == 'c' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
-    if not redis.call('ZSCORE', key, ARGV[a + 2])
-        and redis.call('ZCARD', key) >= tonumber(ARGV[a + 3]) then
-      out[i] = tonumber(ARGV[a + 4])
-      refused = true
+local out, last = {}, 0
+for size in string.gmatch(ARGV[1], '%d+') do
+  local first = last + 1
+  last = last + tonumber(size)
+  local tats, refused = {}, false
+  for i = first, last do
+    local key, a = KEYS[i], 1 + (i - 1) * 4
+    local kind = ARGV[a + 1]
+    out[i] = 0
+    if kind == 'g' then
+      local interval, burst, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+      local tat = tonumber(redis.call('GET', key))
+      if tat == nil or tat < now then tat = now end
+      local new_tat = tat + interval * cost
+      local allow_at = new_tat - interval * burst
+      if allow_at > now then
+        out[i] = math.ceil(allow_at - now)
+        refused = true
+      else
+        tats[i] = new_tat
+      end
+    elseif kind == 'c' then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
+      if not redis.call('ZSCORE', key, ARGV[a + 2])
+          and redis.call('ZCARD', key) >= tonumber(ARGV[a + 3]) then
+        out[i] = tonumber(ARGV[a + 4])
+        refused = true
+      end
     end
   end
-end
-if refused then return out end
-for i, key in ipairs(KEYS) do
-  local a = (i - 1) * 4
-  local kind = ARGV[a + 1]
-  if kind == 'g' then
-    redis.call('SET', key, fmt(tats[i]), 'PX', fmt(math.ceil((tats[i] - now) / 1000) + 1))
-  else
-    local ttl = tonumber(ARGV[a + 4])
-    local ms = fmt(math.ceil(ttl / 1000))
-    if kind == 'c' then
-      redis.call('ZADD', key, fmt(now + ttl), ARGV[a + 2])
-      redis.call('PEXPIRE', key, ms)
-    elseif redis.call('ZADD', key, 'XX', 'CH', fmt(now + ttl), ARGV[a + 2]) == 1 then
-      redis.call('PEXPIRE', key, ms)
+  if not refused then
+    for i = first, last do
+      local key, a = KEYS[i], 1 + (i - 1) * 4
+      local kind = ARGV[a + 1]
+      if kind == 'g' then
+        redis.call('SET', key, fmt(tats[i]), 'PX', fmt(math.ceil((tats[i] - now) / 1000) + 1))
+      elseif kind == 'x' then
+        redis.call('ZREM', key, ARGV[a + 2])
+      else
+        local ttl = tonumber(ARGV[a + 4])
+        local ms = fmt(math.ceil(ttl / 1000))
+        if kind == 'c' then
+          redis.call('ZADD', key, fmt(now + ttl), ARGV[a + 2])
+          redis.call('PEXPIRE', key, ms)
+        elseif redis.call('ZADD', key, 'XX', 'CH', fmt(now + ttl), ARGV[a + 2]) == 1 then
+          redis.call('PEXPIRE', key, ms)
+        end
+      end
     end
   end
 end
@@ -136,9 +150,23 @@ def _client(url: str, timeout: float) -> tuple[Any, str]:
     return aioredis.Redis(connection_pool=pool), PREFIX
 
 
-def _args(entry: Entry) -> tuple[str, str, str, str]:
+@dataclass(frozen=True, slots=True)
+class _Release:
+    """Give back the slot ``token`` holds on ``key`` (a ``release`` as a script entry)."""
+
+    key: str
+    token: str
+
+
+_Item = Entry | _Release
+_Waiter = tuple[Sequence[_Item], "asyncio.Future[list[float]]"]
+
+
+def _args(entry: _Item) -> tuple[str, str, str, str]:
     if isinstance(entry, RateEntry):
         return ("g", f"{entry.interval * 1e6:.3f}", str(entry.burst), str(entry.cost))
+    if isinstance(entry, _Release):
+        return ("x", entry.token, "0", "0")
     ttl = f"{entry.ttl * 1e6:.0f}"
     if isinstance(entry, SlotAcquire):
         return ("c", entry.token, str(entry.limit), ttl)
@@ -146,15 +174,25 @@ def _args(entry: Entry) -> tuple[str, str, str, str]:
 
 
 class RedisStore:
-    """Rate-limit state in Redis, shared by every process that uses the same URL."""
+    """Rate-limit state in Redis, shared by every process that uses the same URL.
 
-    def __init__(self, url: str, timeout: float = 0.25) -> None:
+    Requests made by concurrent sessions in the same event-loop turn go out
+    together as one script call (each still all-or-nothing on its own): at a
+    busy MX most stages then share a round trip, which is what keeps Redis
+    cheap for the proxy's single core. No request waits for a batch to fill.
+    """
+
+    def __init__(self, url: str, timeout: float = 0.25, max_batch: int = 256) -> None:
         if not url.startswith(REDIS_SCHEMES):
             raise ValueError(f"expected a URL starting with {', '.join(REDIS_SCHEMES)}, got {url!r}")
         self.url = url
         self.timeout = timeout
+        self.max_batch = max_batch
         self._redis, self.prefix = _client(url, timeout)
         self._script = self._redis.register_script(SCRIPT)
+        self._queue: list[_Waiter] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -172,23 +210,58 @@ class RedisStore:
         parts = urlsplit(self.url)
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
+    async def _submit(self, items: Sequence[_Item]) -> list[float]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[float]] = loop.create_future()
+        self._queue.append((items, future))
+        if self._flush_handle is None:
+            self._flush_handle = loop.call_soon(self._flush)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await future
+        except TimeoutError as err:
+            raise StoreError("timeout", f"redis {self._where()}: no answer within {self.timeout}s") from err
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        queue, self._queue = [w for w in self._queue if not w[1].done()], []
+        for start in range(0, len(queue), self.max_batch):
+            task = asyncio.get_running_loop().create_task(self._run(queue[start : start + self.max_batch]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Waiter]) -> None:
+        items = [item for entries, _ in batch for item in entries]
+        keys = [self.prefix + item.key for item in items]
+        args = [",".join(str(len(entries)) for entries, _ in batch)]
+        args += [a for item in items for a in _args(item)]
+        try:
+            reply = await self._call(self._script(keys=keys, args=args))
+        except StoreError as err:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreError(err.kind, str(err)))
+            return
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        pos = 0
+        for entries, future in batch:
+            if not future.done():
+                future.set_result([int(x) / 1e6 for x in reply[pos : pos + len(entries)]])
+            pos += len(entries)
+
     async def apply(self, entries: Sequence[Entry]) -> list[float]:
-        """See ``Store.apply``: one EVALSHA for all entries."""
+        """See ``Store.apply``: one script call, shared with concurrent sessions' calls."""
         if not entries:
             return []
-        keys = [self.prefix + e.key for e in entries]
-        args = [a for e in entries for a in _args(e)]
-        reply = await self._call(self._script(keys=keys, args=args))
-        return [int(x) / 1e6 for x in reply]
+        return await self._submit(entries)
 
     async def release(self, slots: Sequence[tuple[str, str]]) -> None:
-        """See ``Store.release``: one ZREM per slot, pipelined in one round trip."""
-        if not slots:
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for key, token in slots:
-            pipe.zrem(self.prefix + key, token)
-        await self._call(pipe.execute())
+        """See ``Store.release``: removes the members, in the same kind of shared call."""
+        if slots:
+            await self._submit([_Release(key, token) for key, token in slots])
 
     async def ping(self) -> bool:
         """True when Redis answers within the timeout (for readiness checks)."""
@@ -198,7 +271,9 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
-        """Close the client and its connections."""
+        """Finish calls in flight, then close the client and its connections."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.timeout * 2)
         try:
             await self._redis.aclose()
         except (redis.exceptions.RedisError, OSError):
