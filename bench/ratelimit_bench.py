@@ -134,14 +134,14 @@ async def proxy(redis_url: str, messages: int, sessions: int, rounds: int) -> di
         wait_port(sink_port)
     else:
         sink_server = await _builtin_sink(sink_port)
-    base = {
+    base: dict[str, Any] = {
         "backend": f"smtp://127.0.0.1:{sink_port}",
         "relay_domains": ["example.org"],
         "dns": {"reverse_lookup": False},
         "log": {"level": "warning"},
         "limits": {"max_connections": 5000},
     }
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         "none": base,
         "memory": {**base, "ratelimits": FIVE_LIMITS},
         "redis": {**base, "ratelimits": FIVE_LIMITS, "ratelimit_store": redis_url},

@@ -46,6 +46,7 @@ class ConnectionHandler:
         self.rcpt_log: list[tuple[str, str]] = []
         self.close_after_reply = False
         self.busy = False  # a command is being processed: the idle timer must not fire
+        self.data_task: asyncio.Future[Reply] | None = None  # content on its way to the backend
 
     # -- helpers ------------------------------------------------------------
 
@@ -251,7 +252,9 @@ class ConnectionHandler:
             return reply
         # Shielded: a client vanishing now must not cut the backend off
         # mid-DATA; we still want its reply in the log (and its queue id).
-        reply = await asyncio.shield(btx.data(message))
+        self.data_task = asyncio.ensure_future(btx.data(message))
+        reply = await asyncio.shield(self.data_task)
+        self.data_task = None
         if reply.is_positive:
             word = "quarantined" if action is Action.QUARANTINE else "delivered"
             reason = final.decided_by or ("quarantine" if action is Action.QUARANTINE else "clean")
@@ -283,6 +286,12 @@ class ConnectionHandler:
 
     async def connection_lost(self) -> None:
         """The client is gone, however it went: release everything it held."""
+        if self.data_task is not None and self.txn is not None:
+            # The client left while the backend had the message: SMTP cannot tell
+            # the client any more, so log what the backend said (its queue id).
+            reply = await self.data_task
+            word = "delivered" if reply.is_positive else "tempfailed" if reply.is_transient else "rejected"
+            await self.end_transaction(word, "data", "client_lost_before_reply", reply)
         if self.txn is not None:
             await self.end_transaction("aborted", "disconnect", "client_lost", None)
         try:

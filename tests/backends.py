@@ -83,6 +83,7 @@ class _ForwardingSMTP(SMTP):
 
     async def smtp_EHLO(self, hostname: str) -> None:
         # Insert the extensions before the final line of aiosmtpd's reply.
+        self.backend.ehlo_sessions.add(id(self))
         pushed: list[str] = []
         original = self.push
 
@@ -124,6 +125,7 @@ class RecordingBackend:
     ) -> None:
         self.extra_extensions = extra_extensions
         self.forwarded: list[str] = []
+        self.ehlo_sessions: set[int] = set()  # connections that said EHLO (probes do not)
         self.eight_bit = eight_bit
         self.smtputf8 = smtputf8
         self.messages: list[ReceivedMessage] = []

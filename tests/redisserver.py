@@ -30,11 +30,12 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1:``port``, data in ``folder``."""
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, extra: dict[str, str] | None = None) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed")
         self.folder = folder
         self.port = port or free_port()
+        self.extra = extra or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -53,6 +54,7 @@ class RedisServer:
             "dir": str(self.folder),
             "protected-mode": "no",
             "loglevel": "warning",
+            **self.extra,
         }
         args = [REDIS_SERVER] + [a for k, v in options.items() for a in (f"--{k}", v)]
         self.proc = subprocess.Popen(
@@ -101,6 +103,48 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=5)
         self.proc = None
+
+
+class Sentinel:
+    """A redis-server in sentinel mode watching ``master`` as service ``mymaster``."""
+
+    def __init__(self, folder: Path, master: RedisServer) -> None:
+        assert REDIS_SERVER is not None
+        self.port = free_port()
+        conf = folder / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {folder}\n"
+            f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
+        )
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://127.0.0.1:PORT/mymaster``."""
+        return f"redis+sentinel://127.0.0.1:{self.port}/mymaster"
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        self.proc.terminate()
+        self.proc.wait(timeout=5)
+
+
+def create_cluster(nodes: list[RedisServer], timeout: float = 20.0) -> None:
+    """Join ``nodes`` (started with cluster-enabled) into one cluster and wait until it is ok."""
+    cli = shutil.which("redis-cli")
+    assert cli is not None
+    addresses = [f"127.0.0.1:{n.port}" for n in nodes]
+    subprocess.run(
+        [cli, "--cluster", "create", *addresses, "--cluster-yes"], check=True, capture_output=True, timeout=60
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in nodes):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the Redis cluster did not become ok")
 
 
 @pytest.fixture

@@ -239,7 +239,7 @@ async def test_rset_and_second_transaction_reuse_backend_connection(
             r = await c.send_message("s@sender.example", ["user@example.org"], make_message())
             assert r.code == 250
     assert "RSET" in backend.commands
-    assert backend.connections == 1, "the backend session is pooled and reused"
+    assert len(backend.ehlo_sessions) == 1, "the backend session is pooled and reused"
 
 
 async def test_bad_input_gets_errors_and_next_client_is_served(
@@ -295,3 +295,26 @@ async def test_auth_is_not_offered_or_accepted(backend: RecordingBackend, start_
         ehlo = await c.cmd("EHLO client.test")
         assert not any(line.startswith("AUTH") for line in ehlo.lines)
         assert (await c.cmd("AUTH PLAIN AGFhAGI=")).code == 502
+
+
+async def test_client_vanishing_while_backend_takes_data_is_logged_not_cut(
+    backend: RecordingBackend, start_proxy, caplog
+) -> None:
+    backend.data_delay = 0.5
+    proxy = await start_proxy()
+    c = await _client(proxy)
+    await c.cmd("EHLO client.test")
+    await c.cmd("MAIL FROM:<s@sender.example>")
+    await c.cmd("RCPT TO:<user@example.org>")
+    await c.cmd("DATA")
+    with caplog.at_level("INFO", logger="smtpproxy.transaction"):
+        await c.send(make_message() + b".\r\n")
+        await asyncio.sleep(0.1)
+        await c.close()
+        await asyncio.sleep(1.0)
+    # The backend got the whole message (the SMTP duplicate case, not a loss) and we logged it.
+    assert len(backend.messages) == 1
+    lines = [
+        r for r in caplog.records if getattr(r, "fields", {}).get("reason") == "client_lost_before_reply"
+    ]
+    assert lines and lines[0].fields["action"] == "delivered"  # type: ignore[attr-defined]

@@ -187,6 +187,26 @@ async def test_long_connections_refresh_their_slot() -> None:
     assert await check.connect(session()) is not None
 
 
+async def test_a_refused_stage_does_not_count_as_a_slot_refresh() -> None:
+    check, _, clock, store = make(
+        [
+            {"name": "c", "key": "client_ip", "concurrency": 1},
+            {"name": "per_sender", "key": "sender", "rate": "1/hour"},
+        ],
+        ratelimit_concurrency_ttl=60,
+    )
+    s = session()
+    assert await check.connect(s) is None
+    clock.now += 25
+    assert await check.mail(s, Transaction("T", "a@b.example")) is None  # refreshes: until +85
+    clock.now += 25
+    assert await check.mail(s, Transaction("T", "a@b.example")) is not None  # refused: no refresh
+    clock.now += 5
+    assert await check.mail(s, Transaction("T", "other@b.example")) is None  # refreshes: until +115
+    clock.now += 45
+    assert store.slots_held("c:192.0.2.10") == 1
+
+
 def test_handles_only_stages_with_limits() -> None:
     check, _, _, _ = make([{"name": "r", "key": "recipient", "rate": "1/hour"}])
     assert [s for s in Stage if check.handles(s)] == [Stage.RCPT]

@@ -181,7 +181,7 @@ def test_memory_store_memory_does_not_grow_with_distinct_keys() -> None:
     finally:
         tracemalloc.stop()
     assert store.capacity == 16_384
-    assert grown < 64 * 1024  # no per-key allocation survives
+    assert grown < 40_000 * 8  # far below any per-key allocation (a dict entry is ~100 bytes)
     assert 0.8 * store.capacity < store.used(1000.0) <= store.capacity
 
 

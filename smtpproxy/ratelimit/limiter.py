@@ -164,7 +164,8 @@ class RateLimiter:
                         SlotAcquire(key, self._token(session), lim.concurrency, self.concurrency_ttl)
                     )
                 limits.append(lim)
-        entries += self._refreshes(session)
+        refreshes = self._refreshes(session)
+        entries += refreshes
         if not entries:
             return None
         slots = [(e.key, e.token) for e in entries if isinstance(e, SlotAcquire)]
@@ -183,6 +184,8 @@ class RateLimiter:
             if slots:
                 del session.extras[SLOTS][-len(slots) :]
             return refused_verdict(stage, refused[0])
+        if refreshes:
+            session.extras[REFRESHED] = self.clock()
         return None
 
     def _token(self, session: Session) -> str:
@@ -199,7 +202,6 @@ class RateLimiter:
         now = self.clock()
         if now - session.extras.get(REFRESHED, now) < self.concurrency_ttl / 3:
             return []
-        session.extras[REFRESHED] = now
         return [SlotRefresh(key, token, self.concurrency_ttl) for key, token in held]
 
     async def release(self, session: Session) -> None:

@@ -8,8 +8,9 @@ Memory bound: the GCRA state lives in a fixed-size, set-associative table of
 ``max_keys`` slots (8 per set), two flat arrays of 64-bit numbers: the key's
 hash and its TAT. That is 16 bytes per slot allocated once, 16 MB for the
 default 1,000,000 slots (measured with tracemalloc by
-``bench/ratelimit_bench.py --memory``: 16.0 MB before and after 1,000,000
-distinct keys), and a flood of distinct keys cannot grow it. When a key's set
+``bench/ratelimit_bench.py --memory``: 16,000,512 bytes empty, 16,000,648 after
+1,000,000 distinct keys), and a flood of distinct keys cannot grow it. With as
+many live keys as slots, about 86% are held (measured: 860,563 of 1,000,000). When a key's set
 is full, the entry with the earliest TAT is replaced: an expired one (TAT in the
 past, it holds nothing) when there is one, else the one nearest to expiry,
 which loses the least allowance. Keys are compared by their 64-bit string hash;
