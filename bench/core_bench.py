@@ -28,7 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.dnsserver import DnsServer  # noqa: E402
 from tests.procs import ProxyProcess, free_port, tool, wait_port  # noqa: E402
+
+# The checks of the proxy core (relay domains, limits) only; "all" adds SPF, DKIM,
+# ARC, DMARC (against a loopback DNS server answering NXDOMAIN) and the shipped rules.
+CORE_ONLY = {
+    "spf": {"enabled": False},
+    "dkim": {"enabled": False},
+    "arc": {"enabled": False},
+    "dmarc": {"enabled": False},
+}
 
 BODY_2K = (
     b"From: a@sender.example\r\nTo: user@example.org\r\nSubject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 25
@@ -156,7 +166,15 @@ async def main() -> None:
     ap.add_argument("--sessions", default="1,20,100")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--config-extra", default="{}", help="JSON merged into the proxy config")
+    ap.add_argument("--checks", choices=("core", "all"), default="core", help="which checks run in the proxy")
+    ap.add_argument(
+        "--compare-workers",
+        action="store_true",
+        help="instead: throughput of workers: 2 / workers: 1 (20 sessions)",
+    )
     args = ap.parse_args()
+    dns = DnsServer({})
+    dns.start()
     use_postfix = (
         shutil.which(tool("smtp-sink")) is not None and shutil.which(tool("smtp-source")) is not None
     )
@@ -176,11 +194,23 @@ async def main() -> None:
     config = {
         "backend": f"smtp://127.0.0.1:{sink_port}",
         "relay_domains": ["example.org"],
-        "dns": {"reverse_lookup": False},
+        "dns": {"reverse_lookup": False, "nameservers": [dns.address]},
+        "rules": str(ROOT / "rules") if args.checks == "all" else str(tmp / "no-rules"),
         "log": {"level": "info"},
         "limits": {"max_connections": 5000},
+        **(CORE_ONLY if args.checks == "core" else {}),
         **json.loads(args.config_extra),
     }
+    if args.compare_workers:
+        try:
+            await compare_workers(config, args, use_postfix)
+        finally:
+            if sink_proc:
+                sink_proc.terminate()
+            if sink_server:
+                sink_server.close()
+            dns.stop()
+        return
     proxy = ProxyProcess(tmp, config).start()
     assert proxy.proc is not None
     results: dict[str, object] = {"load": "smtp-source" if use_postfix else "builtin", "sessions": {}}
@@ -223,7 +253,35 @@ async def main() -> None:
             sink_proc.terminate()
         if sink_server:
             sink_server.close()
+        dns.stop()
     print(json.dumps(results, indent=2))
+
+
+async def compare_workers(config: dict[str, object], args: argparse.Namespace, use_postfix: bool) -> None:
+    """workers: 2 versus workers: 1, interleaved rounds, 20 sessions."""
+    procs = {
+        n: ProxyProcess(Path(tempfile.mkdtemp(prefix=f"smtpproxy-w{n}-")), {**config, "workers": n}).start()
+        for n in (1, 2)
+    }
+    await asyncio.sleep(2)  # let every worker bind
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    try:
+        for _ in range(args.rounds):
+            for n, proc in procs.items():
+                if use_postfix:
+                    rates[n].append(await asyncio.to_thread(smtp_source_load, proc.port, args.messages, 20))
+                else:
+                    rates[n].append((await builtin_load(proc.port, args.messages, 20, BODY_2K))[0])
+    finally:
+        for proc in procs.values():
+            proc.stop()
+    one, two = statistics.median(rates[1]), statistics.median(rates[2])
+    result = {
+        "workers_1_msgs_per_s": round(one, 1),
+        "workers_2_msgs_per_s": round(two, 1),
+        "ratio": round(two / one, 3),
+    }
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from smtpproxy.config import Config
 from smtpproxy.core_checks import LimitsCheck, RelayCheck
 from smtpproxy.dns import Resolver
 from smtpproxy.httpserver import MetricsServer
-from smtpproxy.logs import EventLog
+from smtpproxy.logs import EventLog, flush_logs
 from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
 from smtpproxy.ratelimit.check import build_ratelimit_checks
@@ -89,6 +89,7 @@ class App:
         self._metrics_server: MetricsServer | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._log_flusher: asyncio.Task[None] | None = None
         self._ready_cache: tuple[float, str | None] = (0.0, "not started")
 
     def build_checks(self) -> list[Check]:
@@ -233,6 +234,7 @@ class App:
             )
             await self._metrics_server.start()
         self._housekeeping = loop.create_task(self._housekeep())
+        self._log_flusher = loop.create_task(self._flush_logs())
         interval = self.config.rules_options.reload_interval
         if interval > 0:
             self._watcher = loop.create_task(self.rules.watch(interval))
@@ -259,6 +261,11 @@ class App:
         self.metrics.backend_up.set(0 if problem else 1)
         self._ready_cache = (time.monotonic(), problem)
         return problem
+
+    async def _flush_logs(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            flush_logs()
 
     async def _housekeep(self) -> None:
         # backend_up must be true from the start, not only after the first
@@ -298,6 +305,9 @@ class App:
             self._housekeeping.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._log_flusher is not None:
+            self._log_flusher.cancel()
+        flush_logs()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
         if self._tasks:

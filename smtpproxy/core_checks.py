@@ -25,6 +25,7 @@ class RelayCheck(Check):
     """
 
     name = "relay"
+    pure = True
 
     def __init__(self, relay_domains: list[str]) -> None:
         self.relay_domains = frozenset(relay_domains)
@@ -44,6 +45,7 @@ class LimitsCheck(Check):
     """Messages per connection (at MAIL) and recipients per message (at RCPT)."""
 
     name = "limits"
+    pure = True
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits

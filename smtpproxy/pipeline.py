@@ -60,7 +60,7 @@ class Pipeline:
         self.on_error = on_error
         self._by_stage = {stage: [c for c in self.checks if c.handles(stage)] for stage in Stage}
         self._stage_hist = {stage: metrics.stage_duration.labels(stage.value) for stage in Stage}
-        self._check_hist = {c.name: metrics.check_duration.labels(c.name) for c in self.checks}
+        self._check_hist = {c.name: metrics.check_duration.labels(c.name) for c in self.checks if not c.pure}
 
     def checks_for(self, stage: Stage) -> list[Check]:
         """The checks that run at ``stage``, in order."""
@@ -75,27 +75,35 @@ class Pipeline:
     ) -> StageOutcome:
         """Run every check of ``stage``; return the combined outcome."""
         outcome = StageOutcome()
-        checks = self._by_stage[stage]
+        checks = [c for c in self._by_stage[stage] if c.active(stage)]
         if not checks:
-            self._stage_hist[stage].observe(0.0)
             return outcome
         if session.extras.get("accepted_by") or (txn is not None and txn.extras.get("accepted_by")):
             # An ACCEPT (allow-list) earlier in the session or transaction skips policy.
             return outcome
         started = time.perf_counter()
+        current = checks[0]
         try:
-            for check in checks:
-                result = await self._call(check, stage, session, txn, rcpt)
-                if result is None:
-                    continue
-                if isinstance(result, CheckResult):
-                    if txn is not None:
-                        txn.add_result(result)
-                    else:
-                        session.extras.setdefault("results", {})[result.check] = result
-                    continue
-                if self._merge(outcome, result, check.name, session, txn, stage):
-                    break
+            # One deadline for the stage: cheaper than one per check, and the
+            # check running when it passes is the one that gets the blame.
+            async with asyncio.timeout(self.timeout):
+                for check in checks:
+                    current = check
+                    result = await self._call(check, stage, session, txn, rcpt)
+                    if result is None:
+                        continue
+                    if isinstance(result, CheckResult):
+                        if txn is not None:
+                            txn.add_result(result)
+                        else:
+                            session.extras.setdefault("results", {})[result.check] = result
+                        continue
+                    if self._merge(outcome, result, check.name, session, txn, stage):
+                        break
+        except TimeoutError:
+            failed = self._failed(current, "timeout", session, txn)
+            if failed is not None:
+                self._merge(outcome, failed, current.name, session, txn, stage)
         finally:
             self._stage_hist[stage].observe(time.perf_counter() - started)
         return outcome
@@ -133,27 +141,15 @@ class Pipeline:
     async def _call(
         self, check: Check, stage: Stage, session: Session, txn: Transaction | None, rcpt: Recipient | None
     ) -> CheckOutcome:
+        if check.pure:
+            try:
+                return await _dispatch(check, stage, session, txn, rcpt)
+            except Exception:
+                log.exception("check %s failed at %s (session %s)", check.name, stage.value, session.id)
+                return self._failed(check, "error", session, txn)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout):
-                if stage is Stage.CONNECT:
-                    return await check.connect(session)
-                if stage is Stage.HELO:
-                    return await check.helo(session)
-                if stage is Stage.DISCONNECT:
-                    await check.disconnect(session)
-                    return None
-                assert txn is not None
-                if stage is Stage.MAIL:
-                    return await check.mail(session, txn)
-                if stage is Stage.RCPT:
-                    assert rcpt is not None
-                    return await check.rcpt(session, txn, rcpt)
-                return await check.data(session, txn)
-        except TimeoutError:
-            return self._failed(check, "timeout", session, txn)
-        except asyncio.CancelledError:
-            raise
+            return await _dispatch(check, stage, session, txn, rcpt)
         except Exception:
             log.exception(
                 "check %s failed at %s (session %s, transaction %s)",
@@ -173,3 +169,23 @@ class Pipeline:
         if self.on_error == "continue":
             return None
         return Verdict(Action.TEMPFAIL, INTERNAL_ERROR, reasons=(f"{check.name}_{kind}",))
+
+
+async def _dispatch(
+    check: Check, stage: Stage, session: Session, txn: Transaction | None, rcpt: Recipient | None
+) -> CheckOutcome:
+    """Call the method of ``check`` for ``stage`` with what that stage provides."""
+    if stage is Stage.CONNECT:
+        return await check.connect(session)
+    if stage is Stage.HELO:
+        return await check.helo(session)
+    if stage is Stage.DISCONNECT:
+        await check.disconnect(session)
+        return None
+    assert txn is not None
+    if stage is Stage.MAIL:
+        return await check.mail(session, txn)
+    if stage is Stage.RCPT:
+        assert rcpt is not None
+        return await check.rcpt(session, txn, rcpt)
+    return await check.data(session, txn)

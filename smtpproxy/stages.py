@@ -48,6 +48,9 @@ class Check:
 
     name: str = "check"
     after: tuple[str, ...] = ()
+    # A pure check does no I/O and cannot hang: the pipeline calls it without a
+    # timeout and without its own latency histogram (the stage's covers it).
+    pure: bool = False
 
     async def connect(self, session: Session) -> CheckOutcome:
         """Connection stage; default: nothing to say."""
@@ -72,6 +75,14 @@ class Check:
     async def disconnect(self, session: Session) -> None:
         """Connection closed: release whatever the check holds for the session."""
         return None
+
+    def active(self, stage: Stage) -> bool:
+        """Whether the check has work at ``stage`` right now (e.g. rules loaded for it).
+
+        Asked on every run, so it must be cheap; a stage whose checks are all
+        inactive costs nothing.
+        """
+        return True
 
     def handles(self, stage: Stage) -> bool:
         """True when this check overrides the method of ``stage``."""

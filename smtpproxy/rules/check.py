@@ -86,6 +86,10 @@ class RulesCheck(Check):
     def __init__(self, engine: RulesEngine) -> None:
         self.engine = engine
 
+    def active(self, stage: Stage) -> bool:
+        """MAIL (captures the rule set) and DATA (score thresholds) always; others when rules exist."""
+        return stage in (Stage.MAIL, Stage.DATA) or bool(self.engine.current.by_stage.get(stage))
+
     # -- evaluation -----------------------------------------------------------
 
     def evaluate(self, rules: tuple[Rule, ...], ctx: EvalContext) -> StageResult:
