@@ -103,6 +103,12 @@ class _ForwardingSMTP(SMTP):
         for line in pushed:
             await self.push(line)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        if self.backend.data_command_reply:
+            await self.push(self.backend.data_command_reply)
+            return
+        await super().smtp_DATA(arg)
+
     async def smtp_XCLIENT(self, arg: str) -> None:
         self.backend.forwarded.append(f"XCLIENT {arg}")
         await self.push(f"220 {self.hostname} ESMTP")
@@ -125,6 +131,7 @@ class RecordingBackend:
     ) -> None:
         self.extra_extensions = extra_extensions
         self.forwarded: list[str] = []
+        self.data_command_reply: str | None = None  # a reply to the DATA command itself
         self.ehlo_sessions: set[int] = set()  # connections that said EHLO (probes do not)
         self.eight_bit = eight_bit
         self.smtputf8 = smtputf8

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smtpproxy.backend.smtp import wire_content
 from tests.backends import RecordingBackend
 from tests.smtpclient import RawClient, make_message
 
@@ -118,3 +122,39 @@ async def test_pooled_connection_closed_by_backend_is_replaced(
         await c.connect()
         assert (await c.send_message("s@sender.example", ["user@example.org"], make_message())).code == 250
     assert len(backend.messages) == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"a", b".", b"..", b"\r\n", b"\n", b"\r", b"\r\n.", b"x\r\n.\r\n"]), max_size=12
+    ).map(b"".join)
+)
+def test_wire_content_matches_aiosmtplib_normalisation(message: bytes) -> None:
+    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+    if not message:
+        assert wire_content(message) == b".\r\n"  # aiosmtplib would add an empty line
+        return
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message))
+    if expected and not expected.endswith(b"\r\n"):
+        expected += b"\r\n"
+    assert wire_content(message) == expected + b".\r\n"
+
+
+async def test_backend_refusing_data_command_is_mirrored_and_connection_reused(start_proxy) -> None:
+    b = await _backend()
+    try:
+        proxy = await start_proxy(backend_port=b.port)
+        b.data_command_reply = "554 5.5.0 No DATA for you"
+        async with RawClient(proxy.host, proxy.port) as c:
+            await c.connect()
+            r = await c.send_message("s@sender.example", ["user@example.org"], make_message())
+            assert (r.code, r.text) == (554, "5.5.0 No DATA for you")
+            b.data_command_reply = None
+            assert (
+                await c.send_message("s@sender.example", ["user@example.org"], make_message())
+            ).code == 250
+        assert len(b.messages) == 1 and "RSET" in b.commands
+    finally:
+        await b.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections import deque
@@ -19,7 +20,6 @@ import aiosmtplib
 from aiosmtplib.errors import (
     SMTPConnectResponseError,
     SMTPConnectTimeoutError,
-    SMTPDataError,
     SMTPException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
@@ -45,6 +45,8 @@ log = logging.getLogger("smtpproxy.backend")
 # backend that closed it meanwhile costs a reconnect, not a failed transaction.
 NOOP_AFTER = 2.0
 
+_BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
+
 
 def xtext(value: str) -> str:
     """RFC 3461 xtext, as XCLIENT and XFORWARD attribute values require."""
@@ -68,6 +70,26 @@ def _failure(err: BaseException) -> tuple[str, Reply]:
     if isinstance(err, SMTPServerDisconnected | ConnectionError):
         return "disconnected", DROPPED
     return "protocol", GARBLED
+
+
+def wire_content(message: bytes) -> bytes:
+    """The message as sent after DATA: CRLF line ends, dot-stuffed, with the final dot.
+
+    Bare CR or LF become CRLF (what Postfix's ``smtpd_forbid_bare_newline =
+    normalize`` does), so a message cannot smuggle an end-of-data marker that
+    the backend would read differently from us. Messages that need neither
+    change (nearly all) are not copied or scanned by a regex.
+    """
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        message = _BARE_LINE_END.sub(b"\r\n", message)
+    if message.startswith(b"."):
+        message = b"." + message
+    if b"\n." in message:
+        message = message.replace(b"\n.", b"\n..")
+    if message and not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return message + b".\r\n"
 
 
 class _Connection:
@@ -154,21 +176,20 @@ class SmtpTransaction:
         return await self._command("rcpt", b"RCPT", addr, *(p.encode("ascii", "replace") for p in params))
 
     async def data(self, message: bytes) -> Reply:
-        """DATA and the content; the backend's final reply, or a 4xx when we never got it.
-
-        aiosmtplib dot-stuffs and turns bare CR/LF into CRLF (what Postfix's
-        ``smtpd_forbid_bare_newline = normalize`` does): a message cannot smuggle
-        an end-of-data marker the backend would read differently from us.
-        """
-        self.state = "data"
+        """DATA and the content; the backend's final reply, or a 4xx when we never got it."""
         opts = self.backend.options
+        client = self.conn.client
         started = time.perf_counter()
         try:
-            response = await self.conn.client.data(message, timeout=opts.data_timeout)
-        except SMTPDataError as err:
-            self.state = "done"
-            return self._reply("data", err.code, err.message)
-        except (SMTPException, OSError, ValueError) as err:
+            go_ahead = await client.execute_command(b"DATA", timeout=opts.command_timeout)
+            if go_ahead.code != 354:
+                return self._reply("data", go_ahead.code, go_ahead.message)
+            self.state = "data"  # from here on, the connection's state is unknown until the reply
+            protocol = client.protocol
+            assert protocol is not None
+            protocol.write(wire_content(message))
+            response = await protocol.read_response(timeout=opts.data_timeout)
+        except (SMTPException, OSError, ValueError, AssertionError) as err:
             return self._broke("data", err)
         finally:
             self.backend.metrics.backend_latency.labels("data").observe(time.perf_counter() - started)
