@@ -90,6 +90,24 @@ def _fields(header: bytes) -> list[bytes]:
     return fields
 
 
+def header_values(message: bytes, name: str) -> list[str]:
+    """Every value of header field ``name``, unfolded, from the raw message (no MIME parsing).
+
+    Used where only one field is needed (DMARC's From): parsing the whole header
+    with the email package costs far more.
+    """
+    wanted = name.lower().encode()
+    header, _ = split_header(message)
+    if wanted not in header.lower():
+        return []
+    out = []
+    for field in _fields(header):
+        raw_name, sep, value = field.partition(b":")
+        if sep and raw_name.strip().lower() == wanted:
+            out.append(value.replace(b"\r\n", b"").strip().decode("utf-8", "replace"))
+    return out
+
+
 def field_name(field: bytes) -> str:
     """The lower-cased name of a raw header field ('' when the line has no colon)."""
     name, sep, _ = field.partition(b":")

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtpproxy.auth.dkim import DkimSignatureResult, DkimVerifier
 from smtpproxy.dns import Resolver
@@ -260,3 +262,14 @@ async def test_small_message_verified_inline(resolver: Resolver, rsa: KeyPair) -
 async def test_identity_tag_is_reported(verifier: DkimVerifier, rsa: KeyPair) -> None:
     r = await one(verifier, sign(message(), rsa, identity=b"alice@mail.example.org"))
     assert (r.result, r.identity) == ("pass", "alice@mail.example.org")
+
+
+@settings(max_examples=500, deadline=None)
+@given(n=st.integers(min_value=0, max_value=1 << 4200), length=st.integers(min_value=-1, max_value=530))
+def test_fast_int_conversions_match_dkimpy(n: int, length: int) -> None:
+    from smtpproxy.auth import dkimspeed
+
+    str2int, int2str = dkimspeed.ORIGINAL
+    assert dkimspeed.int2str(n, length) == int2str(n, length)
+    raw = dkimspeed.int2str(n)
+    assert dkimspeed.str2int(raw) == str2int(raw) == n

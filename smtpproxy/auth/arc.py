@@ -25,6 +25,8 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from smtpproxy.auth.dkim import DKIMPY_LOG, INLINE_MAX_BYTES, clean, reason_text
 from smtpproxy.dns import Resolver
 
+_SEALED = re.compile(rb"(?im)^arc-(?:seal|message-signature|authentication-results)[ \t]*:")
+
 log = logging.getLogger("smtpproxy.auth.arc")
 
 MAX_INSTANCES = 50  # RFC 8617 §4.2.1: i= is 1..50
@@ -85,6 +87,8 @@ class ArcVerifier:
 
     async def verify(self, message: bytes) -> ArcResult:
         """The ARC result of ``message``."""
+        if not _SEALED.search(message.split(b"\r\n\r\n", 1)[0]):
+            return ArcResult("none")  # no ARC header: no need to have dkimpy parse it
         try:
             arc = dkim.ARC(message, logger=DKIMPY_LOG, minkey=self.min_key_bits)
             max_instance, arc_headers = arc.sorted_arc_headers()

@@ -26,6 +26,7 @@ from smtpproxy.auth.dmarc import DmarcEvaluator, DmarcResult
 from smtpproxy.auth.spf import build_spf_check
 from smtpproxy.config import Config, DmarcConfig
 from smtpproxy.dns import Resolver
+from smtpproxy.headers import header_values
 from smtpproxy.metrics import Metrics
 from smtpproxy.session import CheckResult, Session, Transaction
 from smtpproxy.stages import Check, CheckOutcome
@@ -145,7 +146,7 @@ class DmarcCheck(Check):
 
     async def data(self, session: Session, txn: Transaction) -> CheckOutcome:
         """Evaluate, record ``txn.extras["dmarc"]`` and ``txn.results["dmarc"]``, return the verdict."""
-        from_values = [str(v) for v in (txn.headers.get_all("From") or [])]
+        from_values = header_values(txn.message, "From")
         dkim: list[DkimSignatureResult] = txn.extras.get("dkim") or []
         res = await self.evaluator.evaluate(from_values, txn.extras.get("spf"), dkim)
         txn.extras["dmarc"] = res
