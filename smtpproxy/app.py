@@ -11,8 +11,10 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from smtpproxy.auth.authresults import forged_filter
@@ -30,7 +32,7 @@ from smtpproxy.pipeline import Pipeline
 from smtpproxy.ratelimit.check import build_ratelimit_checks
 from smtpproxy.ratelimit.session_limits import SessionLimits
 from smtpproxy.rules.engine import RulesEngine, build_rules_engine
-from smtpproxy.server import InboundSMTP, make_tls_context
+from smtpproxy.server import InboundSMTP, certificate_expiry, make_tls_context
 from smtpproxy.session import Session, Transaction
 from smtpproxy.stages import Check
 from smtpproxy.verdict import Reply
@@ -71,6 +73,8 @@ class App:
             if config.tls.cert is not None and config.tls.key is not None
             else None
         )
+        if config.tls.cert is not None:
+            self._record_cert_expiry(config.path(config.tls.cert))
         self._trusted_proxies = [
             ipaddress.ip_network(n, strict=False) for n in config.proxy_protocol.trusted_networks
         ]
@@ -167,13 +171,19 @@ class App:
             and self.config.tls.cert is not None
             and self.config.tls.key is not None
         ):
+            cert = self.config.path(self.config.tls.cert)
             try:
-                self.tls_context.load_cert_chain(
-                    str(self.config.path(self.config.tls.cert)), str(self.config.path(self.config.tls.key))
-                )
+                self.tls_context.load_cert_chain(str(cert), str(self.config.path(self.config.tls.key)))
                 log.info("TLS certificate reloaded")
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, ssl.SSLError) as err:
                 log.error("TLS certificate reload failed, keeping the old one: %s", err)
+                return
+            self._record_cert_expiry(cert)
+
+    def _record_cert_expiry(self, cert: Path) -> None:
+        expiry = certificate_expiry(cert)
+        if expiry is not None:
+            self.metrics.tls_cert_expiry.set(expiry)
 
     # -- delivery -------------------------------------------------------------
 

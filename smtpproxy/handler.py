@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
     from smtpproxy.app import App
 
 log = logging.getLogger("smtpproxy.handler")
+
+# Control characters are legal in quoted local parts on paper, but no real
+# address has them, they cannot be passed on (nor safely logged): refuse them.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 OK = Reply(250, "2.0.0", "Ok")
 DEFAULT_REJECT = Reply(550, "5.7.1", "Message rejected by policy")
@@ -110,6 +115,8 @@ class ConnectionHandler:
         if self.txn is not None:
             await self.end_transaction("aborted", "mail", "unfinished", None)
         sender = "" if address == "<>" else address
+        if _CONTROL_CHARS.search(sender):
+            return "553 5.1.7 Bad sender address syntax"
         txn = Transaction(new_id(), sender, tuple(options))
         limited = self.app.session_limits.on_transaction(
             self.session
@@ -156,6 +163,8 @@ class ConnectionHandler:
         txn, btx = self.txn, self.btx
         if txn is None or btx is None:
             return "503 5.5.1 Error: need MAIL command"
+        if _CONTROL_CHARS.search(address):
+            return "553 5.1.3 Bad recipient address syntax"
         rcpt = Recipient(address, tuple(options))
         limited = self.app.session_limits.duration_exceeded(self.session, time.monotonic())
         if limited is not None and limited.reply is not None:

@@ -14,10 +14,12 @@ import ipaddress
 import logging
 import re
 import ssl
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, login_always_fail, syntax
+from cryptography import x509
 
 from smtpproxy.dataread import DataProblem, read_data
 from smtpproxy.handler import ConnectionHandler
@@ -401,6 +403,15 @@ class _HandlerShim:
 
     def handle_STARTTLS(self, server: Any, session: Any, envelope: Any) -> bool:
         return True
+
+
+def certificate_expiry(path: Path) -> float | None:
+    """Unix time at which the first certificate in a PEM file expires; None if unreadable."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_after_utc.timestamp()
 
 
 def make_tls_context(cert: str, key: str, min_version: str) -> ssl.SSLContext:
