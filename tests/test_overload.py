@@ -17,7 +17,7 @@ async def test_2000_idle_and_trickling_connections_while_senders_get_service(
     held: list[asyncio.StreamWriter] = []
     try:
         for i in range(IDLE):
-            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            _reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
             held.append(writer)
             if i % 2:
                 writer.write(b"EHLO slow")  # a slowloris: a command that never ends
