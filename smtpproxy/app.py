@@ -288,6 +288,7 @@ class App:
                     last_probe = now
                     await self.probe_backend()
                 await self.backend.sweep()
+                self.metrics.event_loop_tasks.set(len(asyncio.all_tasks()))
             except Exception:
                 log.exception("backend housekeeping failed")
             await asyncio.sleep(5)

@@ -228,6 +228,13 @@ class Metrics:
             registry=r,
         )
 
+        self.event_loop_tasks = Gauge(
+            "smtpproxy_event_loop_tasks",
+            "asyncio tasks alive in the process (sampled every 5 s): a leak shows as steady growth.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
         # TLS
         self.tls_cert_expiry = Gauge(
             "smtpproxy_tls_certificate_expiry_timestamp_seconds",
