@@ -198,9 +198,16 @@ class InboundSMTP(SMTP):
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def _handle_client(self) -> None:
-        if self._proxy_timeout is None and not await self.connect_stage():
+        if self._proxy_timeout is None:
+            if await self.connect_stage():
+                await super()._handle_client()
             return
-        await super()._handle_client()
+        try:
+            await super()._handle_client()
+        finally:
+            # aiosmtpd closes on a missing or malformed PROXY header without a hook call.
+            if self.session is not None and not self.session.proxy_data:
+                self.app.metrics.protocol_errors.labels("bad_proxy").inc()
 
     async def handle_proxy(self, proxy: ProxyData) -> bool:
         """A valid PROXY header from a trusted balancer: the real client is the source address."""

@@ -88,3 +88,41 @@ async def test_backend_up_is_probed_at_start_without_traffic(backend: RecordingB
         await asyncio.sleep(0.1)
     assert sample(text, "smtpproxy_backend_up") == 1
     assert sample(text, "smtpproxy_stage_duration_seconds_count", stage="connect") == 0
+
+
+async def test_transaction_log_words_are_the_metric_labels(
+    backend: RecordingBackend, start_proxy, caplog
+) -> None:
+    backend.data_reply = "554 5.6.0 Content refused"
+    proxy = await start_proxy()
+    with caplog.at_level("INFO", logger="smtpproxy.transaction"):
+        async with RawClient(proxy.host, proxy.port) as c:
+            await c.connect()
+            await c.send_message("s@sender.example", ["user@example.org"], make_message())
+            await c.cmd("QUIT")
+    fields = [r.fields for r in caplog.records if r.name == "smtpproxy.transaction"]  # type: ignore[attr-defined]
+    assert len(fields) == 1
+    line = fields[0]
+    assert (line["action"], line["stage"], line["reason"]) == ("rejected", "data", "backend")
+    _, _, text = await fetch(proxy.metrics_url + "/metrics")
+    assert sample(text, "smtpproxy_messages_total", action="rejected", stage="data", reason="backend") == 1
+
+
+async def test_bad_proxy_header_is_counted(backend: RecordingBackend, start_proxy) -> None:
+    proxy = await start_proxy({"proxy_protocol": {"trusted_networks": ["127.0.0.0/8"], "timeout": 1}})
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"PROXY TCP4 garbage\r\n")
+    await writer.drain()
+    assert await reader.read() == b""  # closed without a banner
+    writer.close()
+    _, _, text = await fetch(proxy.metrics_url + "/metrics")
+    assert sample(text, "smtpproxy_protocol_errors_total", kind="bad_proxy") == 1
+
+
+async def test_idle_timeout_is_counted(backend: RecordingBackend, start_proxy) -> None:
+    proxy = await start_proxy({"limits": {"idle_timeout": 0.2}})
+    async with RawClient(proxy.host, proxy.port) as c:
+        await c.connect()
+        assert (await c.reply()).code == 421
+    _, _, text = await fetch(proxy.metrics_url + "/metrics")
+    assert sample(text, "smtpproxy_protocol_errors_total", kind="timeout") == 1
