@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import authres
+import authres.arc
+import authres.dkim_b
+import authres.dmarc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtpproxy.auth.arc import ArcResult
 from smtpproxy.auth.authresults import (
     authserv_id_of,
     build_authentication_results,
+    comment,
     parse_authentication_results,
+    pvalue,
     remove_forged,
 )
 from smtpproxy.auth.dkim import DkimSignatureResult
@@ -115,6 +125,88 @@ def test_odd_result_word_becomes_permerror() -> None:
     sig = DkimSignatureResult("pass; spf=pass", "example.org", "s", "rsa-sha256", "x", "@example.org", "")
     parsed = parse_authentication_results(build_authentication_results(ID, None, [sig], None, None))
     assert parsed.results[0].result == "permerror"
+
+
+# The text we write equals what the authres library renders --------------------------
+
+_FEATURES = authres.FeatureContext(authres.dkim_b, authres.dmarc, authres.arc)
+
+
+def _ref_result(method: str, result: str, note: str, props: list[tuple[str, str, str]]) -> Any:
+    """How the header was built with authres objects before we wrote it ourselves."""
+    word = result.strip().lower()
+    word = (
+        word if word.isascii() and word.isalpha() and 1 <= len(word) <= 20 and word.islower() else "permerror"
+    )
+    return _FEATURES.result(
+        method,
+        result=word,
+        result_comment=comment(note) or None,
+        properties=[authres.AuthenticationResultProperty(t, n, pvalue(v)) for t, n, v in props if pvalue(v)],
+    )
+
+
+def authres_reference(
+    spf: SpfResult, sigs: list[DkimSignatureResult], dmarc: DmarcResult, arc: ArcResult, ip: str
+) -> str:
+    if spf.identity == "helo":
+        results = [_ref_result("spf", spf.result, "", [("smtp", "helo", spf.domain)])]
+    else:
+        results = [_ref_result("spf", spf.result, "", [("smtp", "mailfrom", spf.sender or spf.domain)])]
+    for sig in sigs:
+        props = [("header", "d", sig.domain), ("header", "s", sig.selector)]
+        props += [("header", "b", sig.b_prefix), ("header", "a", sig.algorithm)]
+        results.append(_ref_result("dkim", sig.result, "" if sig.result == "pass" else sig.reason, props))
+    if not sigs:
+        results.append(_ref_result("dkim", "none", "", []))
+    arc_props = []
+    if arc.result == "pass" and arc.oldest_pass:
+        arc_props.append(("header", "oldest-pass", str(arc.oldest_pass)))
+    if arc.instances:
+        arc_props.append(("smtp", "remote-ip", ip))
+    note = f"i={arc.instances}" + (f" {arc.reason}" if arc.reason else "") if arc.instances else ""
+    results.append(_ref_result("arc", arc.result, note, arc_props))
+    dnote = f"p={dmarc.policy} dis={dmarc.disposition}" if dmarc.policy else dmarc.reason
+    dprops = [("header", "from", dmarc.from_domain)] + (
+        [("policy", "dmarc", dmarc.policy)] if dmarc.policy else []
+    )
+    results.append(_ref_result("dmarc", dmarc.result, dnote, dprops))
+    return "; ".join([pvalue(ID), *(str(r) for r in results)])
+
+
+# Values as they come: domains, base64 b= prefixes, IPv6 addresses, odd bytes.
+_TEXT = st.text(st.sampled_from('aZ09.-@:/+=_?;"\\() \t\r\né\x00~{}'), max_size=12)
+_WORDS = st.one_of(st.sampled_from(["pass", "fail", "none", "temperror", "PASS", " policy "]), _TEXT)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    words=st.lists(_WORDS, min_size=4, max_size=4),
+    texts=st.lists(_TEXT, min_size=12, max_size=12),
+    helo=st.booleans(),
+    nsigs=st.integers(0, 2),
+    oldest=st.integers(0, 3),
+    instances=st.integers(0, 3),
+)
+def test_written_header_equals_authres_rendering(
+    words: list[str], texts: list[str], helo: bool, nsigs: int, oldest: int, instances: int
+) -> None:
+    spf = SpfResult(words[0], texts[0], "helo" if helo else "mailfrom", texts[1], "")
+    sig = DkimSignatureResult(words[1], texts[2], texts[3], texts[4], texts[5], texts[6], texts[7])
+    dmarc = DmarcResult(words[2], texts[8][:6], "none", texts[9], "", False, False, texts[10])
+    arc = ArcResult(words[3], instances, (), texts[11], oldest)
+    sigs = [sig] * nsigs
+    ours = build_authentication_results(ID, spf, sigs, dmarc, arc, remote_ip=texts[1])
+    assert ours == authres_reference(spf, sigs, dmarc, arc, texts[1])
+
+
+def test_quoting_of_values_that_are_not_tokens() -> None:
+    sig = DkimSignatureResult("pass", "example.org", "sel", "rsa-sha256", "ab/c+d=", "@example.org", "")
+    arc = ArcResult("pass", 1, ("example.org",), "", 1)
+    value = build_authentication_results(ID, None, [sig], None, arc, remote_ip="2001:db8::1")
+    assert 'header.b="ab/c+d="' in value
+    assert 'smtp.remote-ip="2001:db8::1"' in value
+    assert "header.d=example.org " in value
 
 
 # remove_forged ---------------------------------------------------------------------

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import dkim
 import pytest
-from hypothesis import given, settings
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, utils
+from dkim import canonicalization, crypto
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from smtpproxy.auth.dkim import DkimSignatureResult, DkimVerifier
+from smtpproxy.auth.dkimhash import _BTAG, Body, parse_message, relaxed_body, relaxed_header, verify_signature
+from smtpproxy.auth.dkimkey import DkimKey, KeyCache, parse_key, rsa_verify
 from smtpproxy.dns import Resolver
 from tests.dkimkeys import KeyPair, ed25519_key, message, rsa_key, sign, weak_rsa_key
 from tests.dnsserver import DnsServer
@@ -273,3 +280,251 @@ def test_fast_int_conversions_match_dkimpy(n: int, length: int) -> None:
     assert dkimspeed.int2str(n, length) == int2str(n, length)
     raw = dkimspeed.int2str(n)
     assert dkimspeed.str2int(raw) == str2int(raw) == n
+
+
+# OpenSSL RSA, cached keys and our hashing agree with dkimpy (dkimkey, dkimhash) ------
+
+
+def _private(pair: KeyPair) -> Any:
+    return serialization.load_pem_private_key(pair.private, password=None)
+
+
+def _key(pair: KeyPair) -> DkimKey:
+    key = parse_key("sel._domainkey.example.org", pair.txt.encode())
+    assert isinstance(key, DkimKey)
+    return key
+
+
+class _Hash:
+    def __init__(self, name: str, digest: bytes) -> None:
+        self.name, self._digest = name, digest
+
+    def digest(self) -> bytes:
+        return self._digest
+
+
+def _dkimpy_verdict(key: DkimKey, algorithm: bytes, digest: bytes, signature: bytes) -> bool:
+    name = algorithm.split(b"-")[1].decode()
+    return bool(crypto.RSASSA_PKCS1_v1_5_verify(_Hash(name, digest), signature, key.pk))
+
+
+@pytest.mark.parametrize("algorithm", [b"rsa-sha256", b"rsa-sha1"])
+def test_openssl_rsa_agrees_with_dkimpy_on_good_odd_and_bad_signatures(
+    rsa: KeyPair, algorithm: bytes
+) -> None:
+    key = _key(rsa)
+    assert key.openssl is not None
+    n = key.pk["modulus"]
+    hash_cls, hasher = (
+        (hashes.SHA256, hashlib.sha256) if algorithm == b"rsa-sha256" else (hashes.SHA1, hashlib.sha1)
+    )
+    digest = hasher(b"signed header data").digest()
+    good = _private(rsa).sign(digest, padding.PKCS1v15(), utils.Prehashed(hash_cls()))
+    value = int.from_bytes(good, "big")
+    variants = {
+        "good": good,
+        "plus modulus": (value + n).to_bytes(257, "big"),  # dkimpy reduces it mod n
+        "plus 3 moduli, longer": (value + 3 * n).to_bytes(300, "big"),
+        "flipped bit": (value ^ 1).to_bytes(256, "big"),
+        "empty": b"",
+        "short junk": b"\x01\x02",
+        "all ones": b"\xff" * 256,
+    }
+    for name, signature in variants.items():
+        expected = _dkimpy_verdict(key, algorithm, digest, signature)
+        assert rsa_verify(key, algorithm, digest, signature) is expected, name
+    assert rsa_verify(key, algorithm, digest, good)
+    other = hasher(b"other data").digest()
+    assert not rsa_verify(key, algorithm, other, good)
+    assert _dkimpy_verdict(key, algorithm, other, good) is False
+
+
+def test_signature_with_leading_zero_byte_dropped_agrees_with_dkimpy() -> None:
+    pair = rsa_key(1024)
+    key, private = _key(pair), _private(pair)
+    for i in range(5000):  # about 1 in 256 signatures starts with a zero byte
+        digest = hashlib.sha256(b"%d" % i).digest()
+        good = private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+        if good[0] == 0:
+            break
+    else:
+        pytest.fail("no signature with a leading zero byte in 5000 tries")
+    short = good.lstrip(b"\x00")
+    assert _dkimpy_verdict(key, b"rsa-sha256", digest, short) is True
+    assert rsa_verify(key, b"rsa-sha256", digest, short) is True
+
+
+def test_small_key_uses_dkimpys_arithmetic(weak: KeyPair) -> None:
+    key = _key(weak)
+    assert key.openssl is None and key.keysize == 512
+    digest = hashlib.sha256(b"x").digest()
+    assert rsa_verify(key, b"rsa-sha256", digest, b"\x00" * 64) is False
+
+
+def test_ed25519_key_has_no_openssl_object(ed: KeyPair) -> None:
+    key = _key(ed)
+    assert key.ktag == b"ed25519" and key.openssl is None
+
+
+def test_key_cache_parses_a_record_once_and_is_bounded(rsa: KeyPair, ed: KeyPair) -> None:
+    cache = KeyCache(size=2)
+    first = cache.get("sel._domainkey.example.org", rsa.txt.encode())
+    assert cache.get("sel._domainkey.example.org", rsa.txt.encode()) is first
+    cache.get("ed._domainkey.example.org", ed.txt.encode())
+    assert cache.get("x._domainkey.example.org", b"v=DKIM1; k=rsa; p=") == "key revoked"
+    assert len(cache) == 2
+    assert cache.get("sel._domainkey.example.org", rsa.txt.encode()) is not first  # evicted, parsed anew
+    bad = cache.get("g._domainkey.example.org", b"v=DKIM1; k=rsa; p=!!notbase64!!")
+    assert isinstance(bad, str) and bad.startswith("bad key record:")
+
+
+_WSP_TEXT = st.binary(max_size=60).map(lambda b: bytes(b" \t\r\nab"[x % 6] for x in b))
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=_WSP_TEXT, name=st.sampled_from([b"Subject", b"X-Odd ", b"from"]), value=_WSP_TEXT)
+def test_relaxed_canonicalisation_equals_dkimpys(body: bytes, name: bytes, value: bytes) -> None:
+    assert relaxed_body(body) == canonicalization.Relaxed.canonicalize_body(body)
+    assert [relaxed_header(name, value)] == canonicalization.Relaxed.canonicalize_headers([(name, value)])
+
+
+def _dkimpy_outcome(msg: bytes, record: bytes) -> object:
+    try:
+        return dkim.DKIM(msg, minkey=0).verify(dnsfunc=lambda name, timeout=5: record)
+    except dkim.DKIMException as err:
+        return (type(err).__name__, str(err))
+
+
+def _our_outcome(msg: bytes, record: bytes) -> object:
+    headers, body = dkim.rfc822_parse(msg)
+    sig = next(v for k, v in headers if k.lower() == b"dkim-signature")
+    key = parse_key("sel._domainkey.example.org", record)
+    assert isinstance(key, DkimKey)
+    try:
+        return verify_signature(headers, Body(body), dkim.util.parse_tag_value(sig), 0, key)
+    except dkim.DKIMException as err:
+        return (type(err).__name__, str(err))
+
+
+_CANON = st.sampled_from(
+    [(b"relaxed", b"relaxed"), (b"simple", b"simple"), (b"relaxed", b"simple"), (b"simple", b"relaxed")]
+)
+_LINE = st.text(st.sampled_from("ab \t"), max_size=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    canon=_CANON,
+    body_lines=st.lists(_LINE, max_size=6),
+    subject=_LINE,
+    fold=st.booleans(),
+    length=st.booleans(),
+    tamper=st.sampled_from(["none", "body", "subject", "space", "from", "from_top", "bh", "lf"]),
+    use_ed=st.booleans(),
+)
+def test_hashing_agrees_with_dkimpy(
+    rsa: KeyPair,
+    ed: KeyPair,
+    canon: tuple[bytes, bytes],
+    body_lines: list[str],
+    subject: str,
+    fold: bool,
+    length: bool,
+    tamper: str,
+    use_ed: bool,
+) -> None:
+    pair = ed if use_ed else rsa
+    subject = ("Hi" + subject + ("\r\n\tfolded  part" if fold else "")).strip() or "Hi"
+    msg = sign(
+        message(subject=subject, body="".join(f"{x}\r\n" for x in body_lines) + "\r\n"),
+        pair,
+        canonicalize=canon,
+        length=length,
+    )
+    if tamper == "body":
+        msg += b"appended\r\n"
+    elif tamper == "subject":
+        msg = msg.replace(b"Subject: Hi", b"Subject: Ho")
+    elif tamper == "space":
+        msg = msg.replace(b"Subject: Hi", b"Subject:  Hi ")
+    elif tamper == "from":
+        msg = msg.replace(b"\r\n\r\n", b"\r\nFrom: Mallory <m@evil.example>\r\n\r\n", 1)
+    elif tamper == "from_top":  # dkimpy hashes an extra From field even when h= names only one
+        msg = b"From: Mallory <m@evil.example>\r\n" + msg
+    elif tamper == "bh":
+        msg = msg.replace(b"bh=", b"bh=AAAA", 1)
+    elif tamper == "lf":
+        msg = msg.replace(b"\r\n", b"\n")
+    record = pair.txt.encode()
+    assert _our_outcome(msg, record) == _dkimpy_outcome(msg, record)
+
+
+def test_bad_c_value_and_tlsrpt_key_raise_as_in_dkimpy(rsa: KeyPair) -> None:
+    msg = sign(message(), rsa)
+    bad_c = msg.replace(b"c=relaxed/relaxed", b"c=fancy/relaxed", 1)
+    assert _our_outcome(bad_c, rsa.txt.encode()) == _dkimpy_outcome(bad_c, rsa.txt.encode())
+    assert _our_outcome(bad_c, rsa.txt.encode())[0] == "MessageFormatError"  # type: ignore[index]
+    tlsrpt = (rsa.txt + "; s=tlsrpt").encode()
+    assert _our_outcome(msg, tlsrpt) == _dkimpy_outcome(msg, tlsrpt)
+    assert _our_outcome(msg, tlsrpt)[0] == "ValidationError"  # type: ignore[index]
+
+
+def test_body_canonicalised_once_per_algorithm() -> None:
+    body = Body(b"a  b \r\n\r\n\r\n")
+    relaxed = body.canonical(b"relaxed")
+    assert relaxed == b"a b\r\n"
+    assert body.canonical(b"relaxed") is relaxed
+    assert body.canonical(b"simple") == b"a  b \r\n"
+
+
+_SIG_TEXT = st.lists(
+    st.sampled_from(
+        [" ", "\t", "\r\n", "\n", "\r", ";", "b", "=", "bh", "A", "z", "9", "+", "/", "h", ":", "x"]
+    ),
+    max_size=40,
+).map(lambda parts: "".join(parts).encode())
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_SIG_TEXT)
+@example(b"v=1; bh=x; b=abc\r\n")
+@example(b"v=1; b = a b\r\n c+/=\r\n")
+@example(b"v=1; b=\r\n")
+@example(b"v=1;b=AB\n")
+def test_blanking_b_tag_matches_dkimpys_regex(value: bytes) -> None:
+    assert _BTAG.sub(b"\\1", value) == dkim.RE_BTAG.sub(b"\\1", value)
+
+
+def _rfc822(msg: bytes) -> object:
+    try:
+        headers, body = dkim.rfc822_parse(msg)
+    except Exception as err:
+        return (type(err).__name__, str(err))
+    return [tuple(h) for h in headers], body
+
+
+def _ours(msg: bytes) -> object:
+    try:
+        return parse_message(msg)
+    except Exception as err:
+        return (type(err).__name__, str(err))
+
+
+_MSG_TEXT = st.lists(
+    st.sampled_from(["\r\n", "\n", "\r", " ", "\t", "A: b", "From x", "From ", "x", ":", "\r\n\r\n", "é"]),
+    max_size=14,
+).map(lambda parts: "".join(parts).encode())
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_MSG_TEXT)
+def test_message_parsing_matches_dkimpy(msg: bytes) -> None:
+    assert _ours(msg) == _rfc822(msg)
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [b"", b"\r\n", b"\r\nbody\r\n", b"A: b\r\n", b"A: b", b"A: b\r\n\r\n", b" x\r\n", b"bad line\r\n\r\n"],
+)
+def test_message_parsing_edges_match_dkimpy(msg: bytes) -> None:
+    assert _ours(msg) == _rfc822(msg)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import email.utils
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from publicsuffixlist import PublicSuffixList
 
 from smtpproxy.auth.dkim import DkimSignatureResult
 from smtpproxy.auth.dmarc import (
+    _SIMPLE_MAILBOX,
     DmarcEvaluator,
     DmarcRecord,
     DmarcRecordError,
     aligned,
     from_domains,
+    normalize_domain,
     org_domain,
     parse_dmarc_record,
 )
@@ -108,6 +113,56 @@ def test_from_domains() -> None:
         "example.net",
     ]
     assert from_domains(["y@-bad-.org", "z@localhost", "w@[192.0.2.1]"]) == []
+
+
+def _domains_via_email_package(values: list[str]) -> list[str]:
+    """from_domains as it was before its fast path: everything through getaddresses."""
+    out: list[str] = []
+    for _name, addr in email.utils.getaddresses(values):
+        if "@" in addr:
+            d = normalize_domain(addr.rpartition("@")[2])
+            if d and d not in out:
+                out.append(d)
+    return out
+
+
+_FROM_PARTS = st.sampled_from(
+    [
+        *("alice", "Alice", "J.", "Smith,", "@", "<", ">", '"', "\\", "(c)", ".", " ", "\t", ":", ";"),
+        *("[", "]", "sender.example", "a..b", "-x-", "=?utf-8?q?J=C3=B6rg?=", "é", "x.org", "bob+tag", "'"),
+    ]
+)
+
+
+_PART = st.lists(_FROM_PARTS, max_size=4).map("".join)
+# Mostly shaped like "name <local@domain>", so that the fast path's edges are hit.
+_MAILBOX = st.tuples(_PART, _PART, _PART).map(lambda t: f"{t[0]} <{t[1]}@{t[2]}>") | st.lists(
+    _FROM_PARTS, max_size=10
+).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_MAILBOX, min_size=1, max_size=2))
+@example(["Alice <alice@sender.example>"])
+@example(['"Smith, J" <j@x.org>'])
+@example(["Smith, J <j@x.org>"])
+@example(["<a@b.example>", "c@d.example"])
+@example(["a.b@x.org"])
+@example(["a@evil.example <b@good.example>"])
+@example(['"a@evil.example" <b@good.example>'])
+@example(["a <b <c@d.example>"])
+@example(["alice@x.org (comment) <bob@y.org>"])
+@example(['"a\\" <a@b.org>'])
+def test_from_domains_fast_path_agrees_with_the_email_package(values: list[str]) -> None:
+    assert from_domains(values) == _domains_via_email_package(values)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Alice <alice@sender.example>", "alice@sender.example", '"Smith, J" <j@sender.example>', " <a@b.c> "],
+)
+def test_plain_mailboxes_take_the_fast_path(value: str) -> None:
+    assert _SIMPLE_MAILBOX.match(value)
 
 
 # Evaluation against DNS ------------------------------------------------------------

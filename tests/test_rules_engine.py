@@ -396,3 +396,26 @@ def test_cli_rules_test_exits_1_on_failure_and_check_validates_tests(tmp_path: P
     assert cmd_rules_check(tmp_path, config, out) == 2
     assert "a.yaml:6: test 't': test message missing.eml: No such file or directory" in out.getvalue()
     assert "expect.action: expected one of" in out.getvalue()
+
+
+async def test_header_only_rules_never_parse_the_body(tmp_path: Path) -> None:
+    engine = engine_for(
+        tmp_path,
+        """
+        - name: free_subject
+          if: {subject: {regex: '^free'}}
+          then: {score: 1}
+        - name: from_shop
+          if: {from.domain: shop.example}
+          then: {score: 2}
+        """,
+    )
+    session, txn = new_session(), Transaction("T", "a@shop.example")
+    await engine.check.mail(session, txn)
+    txn.message = (
+        b"From: Shop <a@shop.example>\r\nSubject: =?utf-8?q?Free_caf=C3=A9?=\r\n"
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nbody\r\n--b--\r\n"
+    )
+    await engine.check.data(session, txn)
+    assert txn.matched_rules == ["free_subject", "from_shop"]
+    assert "rules_body" not in txn.extras  # the MIME walk never ran

@@ -318,3 +318,71 @@ async def test_library_error_becomes_temperror(checker: SpfChecker, monkeypatch:
     monkeypatch.setattr("smtpproxy.auth.spf._Query.check", broken)
     res = await checker.check("192.0.2.10", "x@pass.example", "h")
     assert (res.result, res.explanation) == ("temperror", "SPF evaluation error")
+
+
+# Reusing results while their DNS answers are cached unchanged (spfcache) ------------
+
+
+class Clock:
+    """A monotonic clock the test moves by hand (the resolver's TTLs run on it)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_repeated_sender_gets_the_stored_result(checker: SpfChecker) -> None:
+    first = await checker.check("192.0.2.10", "alice@include.example", "client.test")
+    again = await checker.check("192.0.2.10", "alice@include.example", "client.test")
+    assert first.result == "pass"
+    assert again is first  # the stored object: pyspf did not run again
+    other_ip = await checker.check("203.0.113.5", "alice@include.example", "client.test")
+    assert other_ip.result == "fail"
+    assert len(checker.cache) == 2
+
+
+async def test_stored_result_dropped_when_an_answer_it_read_expired_and_changed(server: DnsServer) -> None:
+    clock = Clock()
+    checker = SpfChecker(Resolver([server.address], timeout=0.3, clock=clock))
+    first = await checker.check("192.0.2.10", "alice@include.example", "client.test")
+    assert first.result == "pass"
+    # The included record changes; while the old answer is cached the result stands ...
+    server.set("pass.example", [("TXT", "v=spf1 -all")])
+    assert await checker.check("192.0.2.10", "alice@include.example", "client.test") is first
+    # ... once it expired, the new record is read and decides.
+    clock.now += 301
+    after = await checker.check("192.0.2.10", "alice@include.example", "client.test")
+    assert after.result == "fail"
+
+
+async def test_result_of_records_with_time_macro_is_not_stored(
+    server: DnsServer, checker: SpfChecker
+) -> None:
+    # %{t} is only allowed in explanations (RFC 7208 §7.3): the text changes every second.
+    server.set("time.example", [("TXT", "v=spf1 -all exp=exp.time.example")])
+    server.set("exp.time.example", [("TXT", "rejected at %{t}")])
+    first = await checker.check("192.0.2.10", "alice@time.example", "client.test")
+    assert first.result == "fail"
+    assert first.explanation.startswith("rejected at ")
+    assert len(checker.cache) == 0
+    assert await checker.check("192.0.2.10", "alice@time.example", "client.test") is not first
+
+
+async def test_temperror_from_an_uncached_failure_is_not_reused(checker: SpfChecker) -> None:
+    first = await checker.check("192.0.2.10", "erin@broken.example", "client.test")
+    assert first.result == "temperror"
+    assert await checker.check("192.0.2.10", "erin@broken.example", "client.test") is not first
+
+
+def test_cache_is_bounded(resolver: Resolver) -> None:
+    from smtpproxy.auth.spfcache import SpfResultCache
+    from smtpproxy.dns import DnsAnswer
+
+    cache = SpfResultCache(resolver, size=3)
+    answers = {("x.example", "TXT"): DnsAnswer("x.example", "TXT", "ok", ("v=spf1 -all",))}
+    for i in range(5):
+        cache.put((f"192.0.2.{i}", "a@x.example", "h"), object(), answers)
+    assert len(cache) == 3
+    assert cache.get(("192.0.2.0", "a@x.example", "h")) is None  # oldest went first

@@ -22,7 +22,7 @@ from typing import Any
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from smtpproxy.auth.dkim import DKIMPY_LOG, INLINE_MAX_BYTES, clean, reason_text
+from smtpproxy.auth.dkim import DKIMPY_LOG, INLINE_MAX_BYTES, clean, reason_text, txt_records
 from smtpproxy.dns import Resolver
 
 _SEALED = re.compile(rb"(?im)^arc-(?:seal|message-signature|authentication-results)[ \t]*:")
@@ -107,7 +107,7 @@ class ArcVerifier:
         if max_instance > MAX_INSTANCES:
             return ArcResult("fail", max_instance, domains, f"more than {MAX_INSTANCES} ARC sets")
         names = _key_names(sets)
-        answers = await asyncio.gather(*(self.resolver.txt(n) for n in names))
+        answers = await txt_records(self.resolver, names)
         keys: dict[str, bytes | None] = {}
         temporary: set[str] = set()
         for name, answer in zip(names, answers, strict=True):

@@ -1,10 +1,13 @@
 """The Authentication-Results header (RFC 8601): build ours, remove forged ones.
 
 ``build_authentication_results`` renders SPF, DKIM (one clause per signature),
-DMARC and ARC results with the ``authres`` library. Every value that came from
-the message or the client is reduced to a safe character set first: authres
-quotes values, but leaves anything containing "@" unquoted, and passes comments
-through as they are.
+DMARC and ARC results. It writes the text itself, exactly as the ``authres``
+library would (tests/test_authresults.py compares the two): building authres
+objects cost ~0.05 ms per message, a tenth of all authentication work. Every
+value that came from the message or the client is reduced to a safe character
+set first: values are quoted unless they are RFC 2045 tokens, but anything
+containing "@" stays unquoted (as authres does), and comments pass as they are.
+``parse_authentication_results`` still uses authres.
 
 ``remove_forged`` drops incoming A-R fields that claim our authserv-id (RFC 8601
 §5: they are forgeries, or stale results from an earlier pass through us) and
@@ -34,6 +37,7 @@ FIELD = "Authentication-Results"
 _PVALUE_UNSAFE = re.compile(r"[^A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.@:]")
 _COMMENT_UNSAFE = re.compile(r"[^\x20-\x7e]|[()\\]")
 _RESULT_WORD = re.compile(r"^[a-z]{1,20}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`{|}~-]+$")  # RFC 2045 token, authres's test for quoting
 _FEATURES = authres.FeatureContext(authres.dkim_b, authres.dmarc, authres.arc)
 
 
@@ -69,49 +73,52 @@ def _word(result: str) -> str:
     return word if _RESULT_WORD.match(word) else "permerror"
 
 
-def _prop(ptype: str, name: str, value: str) -> Any:
-    return authres.AuthenticationResultProperty(ptype, name, pvalue(value))
+def _property(ptype: str, name: str, value: str) -> str:
+    """`` ptype.name=value``, or "" when the value is empty (authres's quoting: RFC 2045 token or "@" stays bare)."""
+    value = pvalue(value)
+    if not value:
+        return ""
+    if "@" not in value and not _TOKEN.match(value):
+        value = '"' + value + '"'  # pvalue() left no '"' or "\\" to escape
+    return f" {ptype}.{name}={value}"
 
 
-def _result(method: str, result: str, note: str, props: list[Any]) -> Any:
-    return _FEATURES.result(
-        method,
-        result=_word(result),
-        result_comment=comment(note) or None,
-        properties=[p for p in props if p.value],
-    )
+def _result(method: str, result: str, note: str, props: Sequence[str]) -> str:
+    """One resinfo clause: ``method=result (note) props``, as authres renders it."""
+    note = comment(note)
+    return f"{method}={_word(result)}" + (f" ({note})" if note else "") + "".join(props)
 
 
-def _spf_clause(spf: SpfLike) -> Any:
+def _spf_clause(spf: SpfLike) -> str:
     if spf.identity == "helo":
-        return _result("spf", spf.result, "", [_prop("smtp", "helo", spf.domain)])
-    return _result("spf", spf.result, "", [_prop("smtp", "mailfrom", spf.sender or spf.domain)])
+        return _result("spf", spf.result, "", [_property("smtp", "helo", spf.domain)])
+    return _result("spf", spf.result, "", [_property("smtp", "mailfrom", spf.sender or spf.domain)])
 
 
-def _dkim_clause(sig: DkimSignatureResult) -> Any:
+def _dkim_clause(sig: DkimSignatureResult) -> str:
     props = [
-        _prop("header", "d", sig.domain),
-        _prop("header", "s", sig.selector),
-        _prop("header", "b", sig.b_prefix),
-        _prop("header", "a", sig.algorithm),
+        _property("header", "d", sig.domain),
+        _property("header", "s", sig.selector),
+        _property("header", "b", sig.b_prefix),
+        _property("header", "a", sig.algorithm),
     ]
     return _result("dkim", sig.result, "" if sig.result == "pass" else sig.reason, props)
 
 
-def _dmarc_clause(dmarc: DmarcResult) -> Any:
+def _dmarc_clause(dmarc: DmarcResult) -> str:
     note = f"p={dmarc.policy} dis={dmarc.disposition}" if dmarc.policy else dmarc.reason
-    props = [_prop("header", "from", dmarc.from_domain)]
+    props = [_property("header", "from", dmarc.from_domain)]
     if dmarc.policy:
-        props.append(_prop("policy", "dmarc", dmarc.policy))
+        props.append(_property("policy", "dmarc", dmarc.policy))
     return _result("dmarc", dmarc.result, note, props)
 
 
-def _arc_clause(arc: ArcResult, remote_ip: str) -> Any:
+def _arc_clause(arc: ArcResult, remote_ip: str) -> str:
     props = []
     if arc.result == "pass" and arc.oldest_pass:
-        props.append(_prop("header", "oldest-pass", str(arc.oldest_pass)))
+        props.append(_property("header", "oldest-pass", str(arc.oldest_pass)))
     if arc.instances:
-        props.append(_prop("smtp", "remote-ip", remote_ip))
+        props.append(_property("smtp", "remote-ip", remote_ip))
     note = f"i={arc.instances}" + (f" {arc.reason}" if arc.reason else "") if arc.instances else ""
     return _result("arc", arc.result, note, props)
 
@@ -133,7 +140,7 @@ def build_authentication_results(
     :func:`smtpproxy.headers.format_field` to fold; with ``linesep`` (e.g. "\\r\\n")
     it comes folded, one result per line.
     """
-    results: list[Any] = []
+    results: list[str] = []
     if spf is not None:
         results.append(_spf_clause(spf))
     if dkim_list is not None:
@@ -146,7 +153,7 @@ def build_authentication_results(
     if dmarc is not None:
         results.append(_dmarc_clause(dmarc))
     ident = pvalue(authserv_id) or "localhost"
-    clauses = [str(r) for r in results] or ["none"]
+    clauses = results or ["none"]
     if linesep is None:
         return "; ".join([ident, *clauses])
     return ident + "".join(f";{linesep}\t{c}" for c in clauses)

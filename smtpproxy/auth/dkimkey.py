@@ -17,6 +17,7 @@ take (tiny or huge moduli, odd exponents) are verified with dkimpy's own code.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -93,10 +94,9 @@ class KeyCache:
             return found
         parsed = parse_key(name, record)
         if len(self._keys) >= self.size:
-            try:
+            # KeyError & co.: another thread evicted or resized at the same moment.
+            with contextlib.suppress(KeyError, StopIteration, RuntimeError):
                 del self._keys[next(iter(self._keys))]
-            except (KeyError, StopIteration, RuntimeError):
-                pass  # another thread got there first
         self._keys[cache_key] = parsed
         return parsed
 

@@ -36,6 +36,14 @@ MAX_FROM_DOMAINS = 5
 POLICIES = ("none", "quarantine", "reject")
 _DMARC_PREFIX = re.compile(r"^\s*v\s*=\s*DMARC1\s*(;|$)")
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+# One mailbox, "addr", "<addr>" or "Display Name <addr>" (plain or quoted name),
+# whose address is a dot-atom: forms whose domain we can read without the email
+# package. Group 1 or 2 is the domain. Anything else (groups, comments, lists,
+# folding, odd quoting) goes to email.utils.getaddresses.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_ADDR = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
+_NAME = r"""(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~. -]*|"[^"\\\r\n]*" *)"""
+_SIMPLE_MAILBOX = re.compile(rf" *(?:{_ADDR}|{_NAME}<{_ADDR}>) *\Z")
 # Result ranks for combining several author domains: higher is stricter.
 _DISPOSITION_RANK = {"none": 0, "quarantine": 1, "reject": 2}
 _RESULT_RANK = {"pass": 0, "none": 1, "permerror": 2, "fail": 3, "temperror": 4}
@@ -173,8 +181,14 @@ def from_domains(from_header_values: Sequence[str]) -> list[str] | None:
     """Distinct author domains in order; None when no From field exists at all."""
     if not from_header_values:
         return None
+    simple = [_SIMPLE_MAILBOX.match(v) for v in from_header_values]
+    if all(simple):
+        # ``getaddresses`` costs ~0.03 ms; for a lone plain mailbox it finds just this domain.
+        addrs = [f"@{m.group(1) or m.group(2)}" for m in simple if m]
+    else:
+        addrs = [addr for _name, addr in email.utils.getaddresses(list(from_header_values))]
     out: list[str] = []
-    for _name, addr in email.utils.getaddresses(list(from_header_values)):
+    for addr in addrs:
         if "@" in addr:
             d = normalize_domain(addr.rpartition("@")[2])
             if d and d not in out:
@@ -213,6 +227,8 @@ class DmarcEvaluator:
         if len(domains) > MAX_FROM_DOMAINS:
             why = f"From has {len(domains)} different domains"
             return DmarcResult("permerror", "reject", "reject", domains[0], "", False, False, why)
+        if len(domains) == 1:  # the usual case: no task per domain, no extra loop iteration
+            return await self._evaluate_one(domains[0], spf, dkim)
         results = await asyncio.gather(*(self._evaluate_one(d, spf, dkim) for d in domains))
         return max(results, key=lambda r: (_DISPOSITION_RANK[r.disposition], _RESULT_RANK[r.result]))
 

@@ -6,7 +6,9 @@ pyspf is synchronous and asks DNS through ``query.dns()``. We subclass its
 private exception naming the (name, type), the answer is fetched through the
 shared :class:`~smtpproxy.dns.Resolver`, and the evaluation runs again from the
 start. Answers already in the resolver's cache are read synchronously, so a warm
-evaluation runs once, with no thread hop and no await. pyspf keeps the RFC's
+evaluation runs once, with no thread hop and no await; a sender seen before
+whose answers are all still cached unchanged gets its stored result
+(:mod:`smtpproxy.auth.spfcache`) without running pyspf at all. pyspf keeps the RFC's
 limits (10 DNS-querying terms, 2 void lookups, 10 MX/PTR names); the number of
 reruns is bounded by them.
 """
@@ -22,6 +24,7 @@ from typing import Any
 
 import spf
 
+from smtpproxy.auth.spfcache import SpfResultCache
 from smtpproxy.config import SpfConfig
 from smtpproxy.dns import DnsAnswer, Resolver
 from smtpproxy.metrics import Metrics
@@ -145,6 +148,7 @@ class SpfChecker:
     def __init__(self, resolver: Resolver, timeout: float = 15.0) -> None:
         self._resolver = resolver
         self._timeout = timeout
+        self.cache = SpfResultCache(resolver)
 
     async def check(self, client_ip: str, mail_from: str, helo: str) -> SpfResult:
         """SPF of MAIL FROM, or of the HELO identity when ``mail_from`` is empty (null sender).
@@ -165,6 +169,9 @@ class SpfChecker:
             return SpfResult("permerror", domain, identity, sanitize(sender), "invalid client IP address")
         if not domain:
             return SpfResult("none", "", identity, sanitize(sender), "no domain to check")
+        cached: SpfResult | None = self.cache.get((client_ip, mail_from, helo))
+        if cached is not None:
+            return cached
         try:
             async with asyncio.timeout(self._timeout):
                 return await self._evaluate(client_ip, mail_from, helo, identity, domain, sender)
@@ -194,9 +201,11 @@ class SpfChecker:
                 await self._fetch(query, query.missing)
                 continue
             comment = query.get_header_comment(result) if result in RESULTS else ""
-            return SpfResult(
+            res = SpfResult(
                 result, domain, identity, sanitize(sender), sanitize(explanation), sanitize(comment)
             )
+            self.cache.put((client_ip, mail_from, helo), res, answers)
+            return res
         return SpfResult("permerror", domain, identity, sanitize(sender), "too many DNS lookups")
 
     async def _fetch(self, query: _Query, keys: list[tuple[str, str]]) -> None:

@@ -14,15 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from smtpproxy.addresses import domain_of
-from smtpproxy.rules.mime import BodyFacts, decoded_headers, from_parts, parse_body
+from smtpproxy.rules import facts
+from smtpproxy.rules.mime import Attachment
 from smtpproxy.session import Recipient, Session, Transaction
 from smtpproxy.stages import Stage
 
 STAGE_ORDER = {Stage.CONNECT: 0, Stage.HELO: 1, Stage.MAIL: 2, Stage.RCPT: 3, Stage.DATA: 4}
-
-_HEADERS_KEY = "rules_headers"
-_FROM_KEY = "rules_from"
-_BODY_KEY = "rules_body"
 
 
 class Kind(enum.Enum):
@@ -72,33 +69,15 @@ class EvalContext:
 
     def headers(self) -> dict[str, tuple[str, ...]]:
         """Decoded header fields of the message (empty before DATA)."""
-        if self.txn is None or not self.txn.message:
-            return {}
-        cached = self.txn.extras.get(_HEADERS_KEY)
-        if cached is None:
-            cached = decoded_headers(self.txn.headers)
-            self.txn.extras[_HEADERS_KEY] = cached
-        return cached
+        return facts.headers(self.txn)
 
     def from_field(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Display names and addresses of From."""
-        if self.txn is None or not self.txn.message:
-            return (), ()
-        cached = self.txn.extras.get(_FROM_KEY)
-        if cached is None:
-            cached = from_parts(self.txn.headers)
-            self.txn.extras[_FROM_KEY] = cached
-        return tuple(cached[0]), tuple(cached[1])
+        return facts.from_field(self.txn)
 
-    def body(self) -> BodyFacts:
-        """Body facts of the message, parsed once per transaction."""
-        if self.txn is None or not self.txn.message:
-            return BodyFacts("", (), (), (), 0)
-        cached = self.txn.extras.get(_BODY_KEY)
-        if not isinstance(cached, BodyFacts):
-            cached = parse_body(self.txn.message)
-            self.txn.extras[_BODY_KEY] = cached
-        return cached
+    def attachments(self) -> tuple[Attachment, ...]:
+        """Attachments of the message (walks the MIME tree once per transaction)."""
+        return facts.body_parts(self.txn).attachments
 
     @property
     def score(self) -> float:
@@ -192,11 +171,11 @@ def _local(address: str) -> str:
 
 
 def _attachments(ctx: EvalContext, pick: Callable[[Any], Any]) -> tuple[Any, ...]:
-    return tuple(v for v in (pick(a) for a in ctx.body().attachments) if v not in (None, ""))
+    return tuple(v for v in (pick(a) for a in ctx.attachments()) if v not in (None, ""))
 
 
 def _archive_names(ctx: EvalContext) -> tuple[str, ...]:
-    return tuple(n for a in ctx.body().attachments if a.archive for n in a.archive.names)
+    return tuple(n for a in ctx.attachments() if a.archive for n in a.archive.names)
 
 
 def _ext(name: str) -> str:
@@ -241,9 +220,9 @@ FIELDS: dict[str, FieldSpec] = {
         _f("from.name", T, D, lambda c: c.from_field()[0], "From display name, decoded"),
         _f("from.address", T, D, lambda c: c.from_field()[1], "From address"),
         _f("from.domain", T, D, lambda c: tuple(domain_of(a) for a in c.from_field()[1]), "From domain"),
-        _f("body", T, D, lambda c: (c.body().text,), "text of text/plain and text/html parts"),
-        _f("url", T, D, lambda c: c.body().urls, "each URL in the body"),
-        _f("url.domain", T, D, lambda c: c.body().url_domains, "each URL's host name"),
+        _f("body", T, D, lambda c: (facts.body_text(c.txn).text,), "text of text/plain and text/html parts"),
+        _f("url", T, D, lambda c: facts.body_urls(c.txn)[0], "each URL in the body"),
+        _f("url.domain", T, D, lambda c: facts.body_urls(c.txn)[1], "each URL's host name"),
         _f("attachment.name", T, D, lambda c: _attachments(c, lambda a: a.filename), "file name"),
         _f("attachment.extension", T, D, lambda c: _attachments(c, lambda a: a.extension), "last extension"),
         _f("attachment.type", T, D, lambda c: _attachments(c, lambda a: a.declared_type), "declared type"),
@@ -251,14 +230,14 @@ FIELDS: dict[str, FieldSpec] = {
             "attachment.detected_type", T, D, lambda c: _attachments(c, lambda a: a.detected_type), "by magic"
         ),
         _f("attachment.size", N, D, lambda c: _attachments(c, lambda a: float(a.size)), "decoded size"),
-        _f("attachment.count", N, D, lambda c: (float(len(c.body().attachments)),), "number of attachments"),
+        _f("attachment.count", N, D, lambda c: (float(len(c.attachments())),), "number of attachments"),
         _f("archive.name", T, D, _archive_names, "names inside zip attachments (nested: outer.zip/inner)"),
         _f("archive.extension", T, D, lambda c: tuple(e for e in map(_ext, _archive_names(c)) if e), "ext"),
         _f(
             "archive.encrypted",
             B,
             D,
-            lambda c: (any(a.archive.encrypted for a in c.body().attachments if a.archive),),
+            lambda c: (any(a.archive.encrypted for a in c.attachments() if a.archive),),
             "true when a zip attachment has encrypted entries",
         ),
         _f("dkim", T, D, lambda c: _words(c, "dkim", "result"), "each DKIM signature's result"),

@@ -1,8 +1,11 @@
 """The facts rules look at in a message: decoded headers, body text, URLs, attachments.
 
-Parsed at most once per transaction and cached in ``txn.extras`` (headers and
-body separately, so header-only rules never pay for the body). Broken MIME
-never raises: every step is guarded and degrades to "less text".
+Computed in layers, each at most once per transaction and only when a rule
+reads it (cached in ``txn.extras`` by :mod:`smtpproxy.rules.fields`): header
+fields; the MIME walk (attachments, text parts still encoded); the text; the
+URLs. Header-only rules never walk the body, attachment rules never decode
+text, text rules never look for links. Broken MIME never raises: every step is
+guarded and degrades to "less text".
 """
 
 from __future__ import annotations
@@ -11,36 +14,18 @@ import email
 import email.header
 import email.policy
 import email.utils
-import html
-import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.message import Message
 from typing import Any
-from urllib.parse import urlsplit
-
-import re2
 
 from smtpproxy.rules.archive import ZipLimits, ZipListing, sniff, zip_listing
+from smtpproxy.rules.htmltext import extract_urls, html_links, strip_scripts, visible_text
+from smtpproxy.rules.htmltext import html_to_text as html_to_text  # part of this module's API
+from smtpproxy.rules.rawmime import Field, parse_message
 
 MAX_TEXT = 1_000_000  # characters of body text kept for rules (all text parts together)
-MAX_HTML = 2_000_000  # characters of one HTML part converted to text
 MAX_PARTS = 256  # MIME parts walked
-MAX_URLS = 1000
-
-
-def _url_options() -> Any:
-    options = re2.Options()
-    options.case_sensitive = False
-    return options
-
-
-# RE2: Python's re needs ~1 ms per 15 KB for this case-insensitive alternation, RE2 ~0.05 ms.
-_URL = re2.compile(r"""(?:https?|ftp)://[^\s<>"'`{}|\\^\[\]]+|\bwww\.[^\s<>"'`{}|\\^\[\]]+""", _url_options())
-_HREF = re.compile(r"""\b(?:href|src)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>"']+))""", re.IGNORECASE)
-# [^<>] keeps the scan linear: an unclosed '<' stops at the next '<'.
-_TAG = re.compile(r"<[^<>]*>")
-_SPACES = re.compile(r"[ \t\r\f\v]+")
-_TRAILING = ".,;:!?)]}'\""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +38,34 @@ class Attachment:
     detected_type: str
     size: int
     archive: ZipListing | None
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    """A text/plain or text/html part, still encoded: decoded only when a rule reads the text."""
+
+    payload: bytes
+    charset: str | None
+    html: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BodyParts:
+    """The MIME walk: text parts, attachments, parts walked; ``raw`` text when it is not MIME at all."""
+
+    texts: tuple[TextPart, ...]
+    attachments: tuple[Attachment, ...]
+    parts: int
+    raw: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BodyText:
+    """The body as text (``text``), per text part, and the HTML parts read, for their links."""
+
+    text: str
+    texts: tuple[str, ...]
+    markups: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,25 +108,24 @@ def decode_words(value: str) -> str:
     return "".join(out)
 
 
-def decoded_headers(msg: Any) -> dict[str, tuple[str, ...]]:
-    """Every header field by lower-case name, all occurrences in order, RFC 2047 decoded."""
+def decoded_headers(fields: Iterable[Field]) -> dict[str, tuple[str, ...]]:
+    """Every header field by lower-case name, all occurrences in order, RFC 2047 decoded.
+
+    ``fields`` are raw (name, value) pairs, from :func:`raw_header_fields`.
+    """
     out: dict[str, list[str]] = {}
-    try:
-        items = list(msg.raw_items())
-    except Exception:
-        return {}
-    for name, value in items:
-        text = decode_words(_to_text(str(value))).strip()
-        out.setdefault(str(name).strip().lower(), []).append(text)
+    for name, value in fields:
+        text = decode_words(_to_text(value)).strip()
+        out.setdefault(name.strip().lower(), []).append(text)
     return {k: tuple(v) for k, v in out.items()}
 
 
-def from_parts(msg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Display names and addresses of the From field(s)."""
+def from_parts(fields: Iterable[Field]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Display names and addresses of the From field(s), from raw (name, value) pairs."""
     names: list[str] = []
     addresses: list[str] = []
     try:
-        raws = [_to_text(str(v)) for k, v in msg.raw_items() if str(k).lower() == "from"]
+        raws = [_to_text(v) for k, v in fields if k.lower() == "from"]
         for name, address in email.utils.getaddresses(raws):
             if name:
                 names.append(decode_words(name))
@@ -122,56 +134,6 @@ def from_parts(msg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     except Exception:
         return tuple(names), tuple(addresses)
     return tuple(names), tuple(addresses)
-
-
-def html_to_text(markup: str) -> tuple[str, list[str]]:
-    """Visible text of an HTML document and the targets of its href/src attributes (linear time)."""
-    markup = markup[:MAX_HTML]
-    low = markup.lower()
-    kept: list[str] = []
-    pos = 0
-    while pos < len(markup):
-        starts = [i for i in (low.find("<script", pos), low.find("<style", pos)) if i >= 0]
-        if not starts:
-            kept.append(markup[pos:])
-            break
-        start = min(starts)
-        kept.append(markup[pos:start])
-        tag = "</script" if low.startswith("<script", start) else "</style"
-        end = low.find(tag, start)
-        close = low.find(">", end) if end >= 0 else -1
-        pos = close + 1 if close >= 0 else len(markup)
-    cleaned = "".join(kept)
-    links = [a or b or c for a, b, c in _HREF.findall(cleaned)]
-    text = html.unescape(_TAG.sub(" ", cleaned))
-    return _SPACES.sub(" ", text), [html.unescape(link).strip() for link in links]
-
-
-def _domain(url: str) -> str:
-    target = url if "://" in url else "http://" + url
-    try:
-        host = urlsplit(target).hostname or ""
-    except ValueError:
-        return ""
-    return host.rstrip(".").lower()
-
-
-def extract_urls(texts: list[str], links: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Distinct URLs from plain text and link targets, and their distinct domains."""
-    urls: dict[str, None] = {}
-    for link in links:
-        if link.lower().startswith(("http://", "https://", "ftp://", "www.")):
-            urls.setdefault(link, None)
-    for text in texts:
-        if "://" not in text and "www." not in text.lower():
-            continue
-        for found in _URL.findall(text):
-            if len(urls) >= MAX_URLS:
-                break
-            urls.setdefault(str(found).rstrip(_TRAILING), None)
-    kept = list(urls)[:MAX_URLS]
-    domains = dict.fromkeys(d for d in (_domain(u) for u in kept) if d)
-    return tuple(kept), tuple(domains)
 
 
 def _extension(filename: str) -> str:
@@ -209,16 +171,22 @@ def _attachment(part: Message, filename: str, payload: bytes, limits: ZipLimits)
     )
 
 
-def parse_body(message: bytes, limits: ZipLimits | None = None) -> BodyFacts:
-    """Walk the MIME tree once: text of text parts, URLs, attachments. Never raises."""
-    limits = limits or ZipLimits()
-    msg = _safe(lambda: email.message_from_bytes(message, policy=email.policy.compat32), None)
+def walk_parts(message: bytes, limits: ZipLimits | None = None) -> BodyParts:
+    """Walk the MIME tree of ``message`` once: its text parts (still encoded) and attachments."""
+    # The fast parser builds the same tree; the email package reads the shapes it leaves alone.
+    msg = _safe(lambda: parse_message(message), None)
+    if msg is None:  # not "or": a Message without header fields is falsy
+        msg = _safe(lambda: email.message_from_bytes(message, policy=email.policy.compat32), None)
     if msg is None:
-        return BodyFacts(message[:MAX_TEXT].decode("utf-8", "replace"), (), (), (), 0)
-    texts: list[str] = []
-    links: list[str] = []
+        return BodyParts((), (), 0, raw=message[:MAX_TEXT].decode("utf-8", "replace"))
+    return walk_tree(msg, limits)
+
+
+def walk_tree(msg: Message, limits: ZipLimits | None = None) -> BodyParts:
+    """The text parts and attachments of a parsed MIME tree (compat32 ``Message``). Never raises."""
+    limits = limits or ZipLimits()
+    texts: list[TextPart] = []
     attachments: list[Attachment] = []
-    budget = MAX_TEXT
     parts = 0
     for part in _safe(lambda: list(msg.walk())[:MAX_PARTS], [msg]):
         parts += 1
@@ -231,18 +199,51 @@ def parse_body(message: bytes, limits: ZipLimits | None = None) -> BodyFacts:
         if not isinstance(payload, bytes):
             payload = b""
         is_text = ctype in ("text/plain", "text/html") and not filename and disposition != "attachment"
-        if not is_text:
-            if filename or disposition == "attachment" or not ctype.startswith(("text/", "message/")):
-                attachments.append(_attachment(part, filename, payload, limits))
-            continue
+        if is_text:
+            texts.append(TextPart(payload, _safe(part.get_content_charset, None), ctype == "text/html"))
+        elif filename or disposition == "attachment" or not ctype.startswith(("text/", "message/")):
+            attachments.append(_attachment(part, filename, payload, limits))
+    return BodyParts(tuple(texts), tuple(attachments), parts)
+
+
+def read_text(parts: BodyParts) -> BodyText:
+    """Decode the text parts in order, HTML made visible text, until MAX_TEXT characters."""
+    if parts.raw is not None:
+        return BodyText(parts.raw, (), ())
+    texts: list[str] = []
+    markups: list[str] = []
+    budget = MAX_TEXT
+    for part in parts.texts:
         if budget <= 0:
-            continue
-        text = _charset_text(payload[: budget * 4], _safe(part.get_content_charset, None))
-        if ctype == "text/html":
-            text, found = html_to_text(text)
-            links.extend(found)
+            break
+        text = _charset_text(part.payload[: budget * 4], part.charset)
+        if part.html:
+            cleaned = strip_scripts(text)
+            markups.append(cleaned)
+            text = visible_text(cleaned)
         text = text[:budget]
         budget -= len(text)
         texts.append(text)
-    urls, domains = extract_urls(texts, links)
-    return BodyFacts("\n".join(texts), urls, domains, tuple(attachments), parts)
+    return BodyText("\n".join(texts), tuple(texts), tuple(markups))
+
+
+def find_urls(text: BodyText) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Distinct URLs of the text and of the HTML links, and their distinct host names."""
+    links = [link for markup in text.markups for link in html_links(markup)]
+    return extract_urls(list(text.texts), links)
+
+
+def body_facts(msg: Message, limits: ZipLimits | None = None) -> BodyFacts:
+    """Every body fact of a parsed MIME tree at once (rules read them lazily, layer by layer)."""
+    return _facts(walk_tree(msg, limits))
+
+
+def parse_body(message: bytes, limits: ZipLimits | None = None) -> BodyFacts:
+    """Every body fact of ``message`` at once: text, URLs, attachments. Never raises."""
+    return _facts(walk_parts(message, limits))
+
+
+def _facts(parts: BodyParts) -> BodyFacts:
+    text = read_text(parts)
+    urls, domains = find_urls(text)
+    return BodyFacts(text.text, urls, domains, parts.attachments, parts.parts)

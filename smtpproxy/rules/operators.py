@@ -184,7 +184,9 @@ def _regex_leaf(env: CompileEnv, spec: FieldSpec, case_sensitive: bool, compiled
     name = spec.name
 
     def cond(ctx: EvalContext) -> Evidence | None:
-        value = groups.scan(ctx, key, spec).get(index)
+        # The group's hits are usually known already (one scan serves every rule of the field).
+        hits = ctx.regex_hits.get(key)
+        value = (hits if hits is not None else groups.scan(ctx, key, spec)).get(index)
         if value is None:
             return None
         found = compiled.search(value)
