@@ -146,3 +146,22 @@ def test_duplicate_names_store_and_exempt_errors() -> None:
         build_config({"ratelimit_exempt": ["not-a-net"]})
     with pytest.raises(ConfigError, match="ratelimit_fail"):
         build_config({"ratelimit_fail": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("ip", "prefix"),
+    [
+        ("192.0.2.77", 24),
+        ("192.0.2.77", 32),
+        ("10.1.2.3", 8),
+        ("0.0.0.0", 0),
+        ("2001:db8:1:2:3::9", 64),
+        ("2001:db8::1", 128),
+        ("::1", 48),
+    ],
+)
+def test_client_net_matches_ipaddress(ip: str, prefix: int) -> None:
+    from smtpproxy.ratelimit.keys import client_net
+
+    addr = ipaddress.ip_address(ip)
+    assert client_net(addr, prefix) == str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))

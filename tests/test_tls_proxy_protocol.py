@@ -168,3 +168,22 @@ async def test_garbage_proxy_header_from_trusted_peer_closes(backend: RecordingB
     await c.send(b"HELLO THERE\r\n")
     assert await c.closed()
     await c.close()
+
+
+async def test_smtps_backend_uses_implicit_tls(start_proxy, server_cert: tuple[str, str]) -> None:
+    cert, key = server_cert
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    b = RecordingBackend()
+    b._server = await asyncio.get_running_loop().create_server(b._factory, "127.0.0.1", 0, ssl=ctx)
+    b.port = b._server.sockets[0].getsockname()[1]
+    try:
+        proxy = await start_proxy({"backend": f"smtps://127.0.0.1:{b.port}"})
+        async with RawClient(proxy.host, proxy.port) as c:
+            await c.connect()
+            assert (
+                await c.send_message("s@sender.example", ["user@example.org"], make_message())
+            ).code == 250
+        assert len(b.messages) == 1
+    finally:
+        await b.stop()

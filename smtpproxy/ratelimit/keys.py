@@ -80,15 +80,29 @@ def client_ip(session: Session) -> IPAddress:
     return ip
 
 
+def client_net(ip: IPAddress, prefix: int) -> str:
+    """``ip`` masked to ``prefix`` bits, as a network in CIDR form (``192.0.2.0/24``)."""
+    bits = ip.max_prefixlen
+    masked = int(ip) & (((1 << prefix) - 1) << (bits - prefix))
+    return f"{type(ip)(masked)}/{prefix}"
+
+
 def _value(
     kind: str, spec: KeySpec, session: Session, txn: Transaction | None, rcpt: Recipient | None
 ) -> str:
-    if kind == "client_ip":
-        return str(client_ip(session))
-    if kind == "client_net":
-        ip = client_ip(session)
-        prefix = spec.ipv4_prefix if ip.version == 4 else spec.ipv6_prefix
-        return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+    if kind in ("client_ip", "client_net"):
+        # Constant for the connection and asked at every stage: computed once.
+        cache: dict[tuple[str, int, int], str] = session.extras.setdefault("ratelimit.keys", {})
+        ck = (kind, spec.ipv4_prefix, spec.ipv6_prefix)
+        value = cache.get(ck)
+        if value is None:
+            ip = client_ip(session)
+            if kind == "client_ip":
+                value = str(ip)
+            else:
+                value = client_net(ip, spec.ipv4_prefix if ip.version == 4 else spec.ipv6_prefix)
+            cache[ck] = value
+        return value
     if kind == "helo":
         return (session.helo or "").lower()
     if kind in ("sender", "sender_domain"):

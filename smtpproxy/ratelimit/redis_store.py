@@ -48,7 +48,8 @@ from smtpproxy.ratelimit.store import REDIS_SCHEMES, Entry, RateEntry, SlotAcqui
 # One call carries the requests of several sessions (see ``RedisStore``):
 # ARGV[1] lists the group sizes ("2,1,3"); each group is one ``apply`` and is
 # all-or-nothing on its own, groups run in order as if called one by one.
-# Then KEYS[i] and four ARGV per entry: kind, then
+# Then KEYS[i] and one ARGV per entry, "kind p1 p2 p3" (space-separated: one
+# argument instead of four makes the client's command packing 3x cheaper):
 #   g: interval_us, burst, cost             (GCRA step)
 #   c: token, limit, ttl_us                 (take a concurrency slot)
 #   r: token, -, ttl_us                     (refresh a held slot)
@@ -61,16 +62,21 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local fmt = function(x) return string.format('%.0f', x) end
 local out, last = {}, 0
+local arg = {}
+for i = 2, #ARGV do
+  local kind, p1, p2, p3 = string.match(ARGV[i], '^(%S+) (%S+) (%S+) (%S+)$')
+  arg[i - 1] = {kind, p1, p2, p3}
+end
 for size in string.gmatch(ARGV[1], '%d+') do
   local first = last + 1
   last = last + tonumber(size)
   local tats, refused = {}, false
   for i = first, last do
-    local key, a = KEYS[i], 1 + (i - 1) * 4
-    local kind = ARGV[a + 1]
+    local key, e = KEYS[i], arg[i]
+    local kind = e[1]
     out[i] = 0
     if kind == 'g' then
-      local interval, burst, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+      local interval, burst, cost = tonumber(e[2]), tonumber(e[3]), tonumber(e[4])
       local tat = tonumber(redis.call('GET', key))
       if tat == nil or tat < now then tat = now end
       local new_tat = tat + interval * cost
@@ -83,28 +89,28 @@ for size in string.gmatch(ARGV[1], '%d+') do
       end
     elseif kind == 'c' then
       redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
-      if not redis.call('ZSCORE', key, ARGV[a + 2])
-          and redis.call('ZCARD', key) >= tonumber(ARGV[a + 3]) then
-        out[i] = tonumber(ARGV[a + 4])
+      if not redis.call('ZSCORE', key, e[2])
+          and redis.call('ZCARD', key) >= tonumber(e[3]) then
+        out[i] = tonumber(e[4])
         refused = true
       end
     end
   end
   if not refused then
     for i = first, last do
-      local key, a = KEYS[i], 1 + (i - 1) * 4
-      local kind = ARGV[a + 1]
+      local key, e = KEYS[i], arg[i]
+      local kind = e[1]
       if kind == 'g' then
         redis.call('SET', key, fmt(tats[i]), 'PX', fmt(math.ceil((tats[i] - now) / 1000) + 1))
       elseif kind == 'x' then
-        redis.call('ZREM', key, ARGV[a + 2])
+        redis.call('ZREM', key, e[2])
       else
-        local ttl = tonumber(ARGV[a + 4])
+        local ttl = tonumber(e[4])
         local ms = fmt(math.ceil(ttl / 1000))
         if kind == 'c' then
-          redis.call('ZADD', key, fmt(now + ttl), ARGV[a + 2])
+          redis.call('ZADD', key, fmt(now + ttl), e[2])
           redis.call('PEXPIRE', key, ms)
-        elseif redis.call('ZADD', key, 'XX', 'CH', fmt(now + ttl), ARGV[a + 2]) == 1 then
+        elseif redis.call('ZADD', key, 'XX', 'CH', fmt(now + ttl), e[2]) == 1 then
           redis.call('PEXPIRE', key, ms)
         end
       end
@@ -162,15 +168,15 @@ _Item = Entry | _Release
 _Waiter = tuple[Sequence[_Item], "asyncio.Future[list[float]]"]
 
 
-def _args(entry: _Item) -> tuple[str, str, str, str]:
+def _args(entry: _Item) -> str:
     if isinstance(entry, RateEntry):
-        return ("g", f"{entry.interval * 1e6:.3f}", str(entry.burst), str(entry.cost))
+        return f"g {entry.interval * 1e6:.3f} {entry.burst} {entry.cost}"
     if isinstance(entry, _Release):
-        return ("x", entry.token, "0", "0")
+        return f"x {entry.token} 0 0"
     ttl = f"{entry.ttl * 1e6:.0f}"
     if isinstance(entry, SlotAcquire):
-        return ("c", entry.token, str(entry.limit), ttl)
-    return ("r", entry.token, "0", ttl)
+        return f"c {entry.token} {entry.limit} {ttl}"
+    return f"r {entry.token} 0 {ttl}"
 
 
 class RedisStore:
@@ -234,7 +240,7 @@ class RedisStore:
         items = [item for entries, _ in batch for item in entries]
         keys = [self.prefix + item.key for item in items]
         args = [",".join(str(len(entries)) for entries, _ in batch)]
-        args += [a for item in items for a in _args(item)]
+        args += [_args(item) for item in items]
         try:
             reply = await self._call(self._script(keys=keys, args=args))
         except StoreError as err:
