@@ -1,7 +1,7 @@
 """A scriptable SMTP backend for fault injection: it misbehaves exactly where told.
 
 ``FaultyBackend(fault=...)`` where fault is one of:
-  none, no_greeting, greet_421, garbage_greeting, drop_after_mail, drop_after_rcpt,
+  none, no_greeting, greet_421, garbage_greeting, bad_starttls, drop_after_mail, drop_after_rcpt,
   drop_in_data, drop_after_dot, stall_mail, stall_after_dot, garbage_reply_rcpt.
 Messages it accepted are in ``delivered``; set ``fault = "none"`` to recover.
 """
@@ -61,7 +61,16 @@ class FaultyBackend:
             verb = line[:4].upper()
             fault = self.fault
             if verb in (b"EHLO", b"HELO"):
-                writer.write(b"250-faulty.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
+                tls = b"250-STARTTLS\r\n" if fault == "bad_starttls" else b""
+                writer.write(
+                    b"250-faulty.test\r\n" + tls + b"250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+                )
+            elif verb == b"STAR":
+                writer.write(b"220 2.0.0 Ready to start TLS\r\n")
+                await writer.drain()
+                writer.write(b"this is not a TLS handshake\r\n" * 4)
+                await writer.drain()
+                return
             elif verb == b"MAIL":
                 if fault == "drop_after_mail":
                     return

@@ -12,6 +12,7 @@ FAULTS = {
     "no_greeting": (451, "4.4.1", "connect", False),
     "greet_421": (451, "4.4.1", "connect", False),
     "garbage_greeting": (451, "4.4.1", "connect", False),
+    "bad_starttls": (451, "4.3.0", "tls", False),
     "drop_after_mail": (451, "4.4.2", "disconnected", False),
     "stall_mail": (451, "4.4.2", "timeout", False),
     "drop_after_rcpt": (451, "4.4.2", "disconnected", False),
@@ -50,5 +51,31 @@ async def test_backend_fault_gives_4xx_and_recovers(fault: str, start_proxy) -> 
         got_code, text = await _send(proxy)
         assert got_code == 250, text
         assert len(backend.delivered) == (2 if may_hold else 1)
+    finally:
+        await backend.stop()
+
+
+async def test_slow_backend_applies_back_pressure_with_a_bounded_pool(start_proxy) -> None:
+    """pool_size bounds backend connections: extra transactions wait, then get 451 4.3.0, never pile up."""
+    import asyncio
+
+    backend = FaultyBackend("stall_mail", stall=2.0)
+    await backend.start()
+    try:
+        proxy = await start_proxy(
+            {"backend_options": {"pool_size": 2, "connect_timeout": 0.5, "command_timeout": 5}},
+            backend_port=backend.port,
+        )
+
+        async def mail() -> int:
+            async with RawClient(proxy.host, proxy.port, timeout=15) as c:
+                await c.connect()
+                await c.cmd("EHLO client.test")
+                return (await c.cmd("MAIL FROM:<s@sender.example>")).code
+
+        codes = await asyncio.gather(*(mail() for _ in range(5)))
+        assert sorted(codes) == [250, 250, 451, 451, 451]
+        assert proxy.app.metrics.backend_errors.labels("pool_exhausted")._value.get() == 3
+        assert proxy.app.backend._open <= 2  # type: ignore[attr-defined]
     finally:
         await backend.stop()

@@ -59,13 +59,17 @@ def xtext(value: str) -> str:
     return "".join(out)
 
 
+class StartTlsFailed(Exception):
+    """The backend offered STARTTLS and the upgrade failed."""
+
+
 def _failure(err: BaseException) -> tuple[str, Reply]:
     """Classify a transport failure: (metrics kind, reply for the client)."""
     if isinstance(err, SMTPConnectTimeoutError):
         return "connect", UNREACHABLE
     if isinstance(err, SMTPTimeoutError | TimeoutError):
         return "timeout", TIMED_OUT
-    if isinstance(err, ssl.SSLError):
+    if isinstance(err, ssl.SSLError | StartTlsFailed):
         return "tls", TLS_FAILED
     if isinstance(err, SMTPServerDisconnected | ConnectionError):
         return "disconnected", DROPPED
@@ -247,8 +251,12 @@ class SmtpBackend:
             await client.connect()
             await client.ehlo(timeout=opts.command_timeout)
             if opts.starttls and not self.implicit_tls and client.supports_extension("starttls"):
-                await client.starttls(tls_context=self._tls_context, timeout=opts.command_timeout)
-                await client.ehlo(timeout=opts.command_timeout)
+                try:
+                    await client.starttls(tls_context=self._tls_context, timeout=opts.command_timeout)
+                    await client.ehlo(timeout=opts.command_timeout)
+                except (SMTPException, OSError) as err:
+                    # aiosmtplib reports a failed handshake as a lost connection.
+                    raise StartTlsFailed(f"STARTTLS failed: {type(err).__name__}: {err}") from err
         except BaseException:
             client.close()
             raise
