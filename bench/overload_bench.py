@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -40,10 +41,8 @@ async def hold(port: int, count: int, stop: asyncio.Event) -> None:
             if trickle and step < len(payload):
                 writer.write(payload[step : step + 1])
         step += 1
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
-        except TimeoutError:
-            pass
     for _, writer in writers:
         writer.close()
 

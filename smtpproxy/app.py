@@ -29,7 +29,7 @@ from smtpproxy.httpserver import MetricsServer
 from smtpproxy.logs import EventLog, flush_logs
 from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
-from smtpproxy.ratelimit.check import build_ratelimit_checks
+from smtpproxy.ratelimit.check import build_ratelimit_checks, build_ratelimiter
 from smtpproxy.ratelimit.session_limits import SessionLimits
 from smtpproxy.rules.engine import RulesEngine, build_rules_engine
 from smtpproxy.server import InboundSMTP, certificate_expiry, make_tls_context
@@ -79,8 +79,10 @@ class App:
             ipaddress.ip_network(n, strict=False) for n in config.proxy_protocol.trusted_networks
         ]
         self.session_limits = SessionLimits(config.session_limits, self.metrics)
+        # One limiter (one store) for the configured limits and the rules' ratelimit action.
+        self.limiter = build_ratelimiter(config, self.metrics)
         # Raises RulesError on a bad rules folder: the CLI reports it and exits 2.
-        self.rules: RulesEngine = build_rules_engine(config, self.resolver, self.metrics)
+        self.rules: RulesEngine = build_rules_engine(config, self.resolver, self.metrics, self.limiter)
         self.forged_ar = forged_filter(config.hostname)
         self.checks: list[Check] = self.build_checks()
         self.pipeline = Pipeline(
@@ -102,7 +104,7 @@ class App:
         Rate limits run before relay checks so a flood is refused before any
         other work; rules run last (``after`` makes them wait for DMARC).
         """
-        checks: list[Check] = [*build_ratelimit_checks(self.config, self.metrics)]
+        checks: list[Check] = [*build_ratelimit_checks(self.config, self.metrics, self.limiter)]
         checks += [RelayCheck(self.config.relay_domains), LimitsCheck(self.config.limits)]
         checks += build_auth_checks(self.config, self.resolver, self.metrics)
         checks.append(self.rules.check)

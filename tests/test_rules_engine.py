@@ -272,7 +272,7 @@ def test_build_rules_engine_refuses_a_bad_folder(tmp_path: Path) -> None:
         build_rules_engine(config, None, Metrics(process=False))
     assert info.value.problems[0].render() == (
         "a.yaml:2: rule x: unknown action 'explode'; expected one of accept, reject, tempfail, discard, "
-        "quarantine, stop, add_header, remove_header, tag_subject, score"
+        "quarantine, ratelimit, stop, add_header, remove_header, tag_subject, score"
     )
 
 

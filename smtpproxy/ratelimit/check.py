@@ -96,6 +96,12 @@ def build_ratelimiter(config: Config, metrics: Metrics, store: Store | None = No
     )
 
 
-def build_ratelimit_checks(config: Config, metrics: Metrics) -> list[Check]:
-    """The pipeline checks of the rate-limit area: one ``RateLimitCheck`` (call its ``close()``)."""
-    return [RateLimitCheck(build_ratelimiter(config, metrics))]
+def build_ratelimit_checks(
+    config: Config, metrics: Metrics, limiter: RateLimiter | None = None
+) -> list[Check]:
+    """The pipeline checks of the rate-limit area: one ``RateLimitCheck`` (call its ``close()``).
+
+    ``limiter``: one already built by :func:`build_ratelimiter` (the App shares
+    it with the rules engine's ``ratelimit`` action); built here when None.
+    """
+    return [RateLimitCheck(limiter if limiter is not None else build_ratelimiter(config, metrics))]

@@ -7,6 +7,10 @@ Forms (a single action or a list of them)::
     {tempfail: {...}}  {quarantine: {to: "maildir:/var/quarantine"}}
     {add_header: {name: X-Tag, value: "yes"}}  {remove_header: X-Foo}
     {tag_subject: "[SPAM]"}  {score: 2.5}
+    {ratelimit: {key: [mail_from.domain, client.ip], rate: 100/hour, burst: 20, reply: ...}}
+
+A ``ratelimit`` is a conditional tempfail (see :mod:`smtpproxy.rules.rate_action`):
+it takes the place of the final action, so a rule has one or the other.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from smtpproxy.addresses import parse_hostport
+from smtpproxy.ratelimit.gcra import Rate, parse_rate
 from smtpproxy.rules.loader import LList, LMap, Problem, describe
+from smtpproxy.rules.rate_action import RATELIMIT_KEYS, RateLimitAction, default_reply, key_fields
 from smtpproxy.stages import Stage
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Reply
 
@@ -27,7 +33,7 @@ TERMINAL = {
     "discard": Action.DISCARD,
     "quarantine": Action.QUARANTINE,
 }
-ALL_ACTIONS = (*TERMINAL, "stop", "add_header", "remove_header", "tag_subject", "score")
+ALL_ACTIONS = (*TERMINAL, "ratelimit", "stop", "add_header", "remove_header", "tag_subject", "score")
 DEFAULT_REPLY = {
     "reject": (550, "5.7.1", "Message rejected by policy"),
     "tempfail": (451, "4.7.1", "Message deferred by policy, try again later"),
@@ -49,6 +55,7 @@ class RuleActions:
     score: float = 0.0
     stop: bool = False
     words: tuple[str, ...] = ()  # action names, for reports
+    ratelimit: RateLimitAction | None = None  # refused: a tempfail with its reply; allowed: go on
 
 
 class _Builder:
@@ -61,6 +68,8 @@ class _Builder:
         self.score = 0.0
         self.stop = False
         self.words: list[str] = []
+        self.ratelimit: RateLimitAction | None = None
+        self.limited = False  # a ratelimit was given (even an invalid one)
 
     def problem(self, line: int, message: str) -> None:
         self.problems.append(Problem(self.file, line, self.rule, message))
@@ -70,7 +79,19 @@ class _Builder:
             self.problem(line, f"unknown action {name!r}; expected one of {', '.join(ALL_ACTIONS)}")
             return
         self.words.append(name)
-        if name in TERMINAL:
+        if name == "ratelimit":
+            if self.limited or self.terminal is not None:
+                also = "another ratelimit" if self.limited else f"the final action {self.terminal}"
+                self.problem(line, f"ratelimit: a rule has one ratelimit and no final action; it has {also}")
+                return
+            self.limited = True
+            self._ratelimit(arg, line)
+        elif name in TERMINAL:
+            if self.limited:
+                self.problem(
+                    line, f"{name}: a rule with a ratelimit has no final action (over the limit it tempfails)"
+                )
+                return
             if self.terminal is not None:
                 self.problem(
                     line, f"{name}: a rule has one final action, this one already has {self.terminal}"
@@ -138,14 +159,23 @@ class _Builder:
             self._quarantine(arg, line)
 
     def _reply(self, name: str, arg: Any, line: int) -> None:
-        code, enhanced, text = DEFAULT_REPLY[name]
+        want = "5" if name == "reject" else "4"
+        reply = self._parse_reply(name, arg, line, DEFAULT_REPLY[name], want)
+        if reply is not None:
+            self.reply = reply
+
+    def _parse_reply(
+        self, name: str, arg: Any, line: int, default: tuple[int, str, str], want: str
+    ) -> Reply | None:
+        """A reply from ``"text"`` or ``{code, enhanced, text}``; None (and a problem) when invalid."""
+        code, enhanced, text = default
         if isinstance(arg, str):
             text = arg
         elif isinstance(arg, dict):
             unknown = set(arg) - {"code", "enhanced", "text"}
             if unknown:
                 self.problem(line, f"{name}: unknown keys {sorted(unknown)}; expected code, enhanced, text")
-                return
+                return None
             code = arg.get("code", code)
             enhanced = str(arg.get("enhanced", f"{str(code)[:1]}.7.1" if "code" in arg else enhanced))
             text = str(arg.get("text", text))
@@ -153,8 +183,7 @@ class _Builder:
             self.problem(
                 line, f"{name}: expected reply text or {{code, enhanced, text}}, got {describe(arg)}"
             )
-            return
-        want = "5" if name == "reject" else "4"
+            return None
         if (
             isinstance(code, bool)
             or not isinstance(code, int)
@@ -164,14 +193,51 @@ class _Builder:
             self.problem(
                 line, f"{name}: code {code!r} is invalid; expected a {want}xx reply code like {want}50"
             )
-            return
+            return None
         if not text.isascii() or any(ord(c) < 32 for c in text):
             self.problem(line, f"{name}: text must be one line of printable ASCII, got {describe(text)}")
-            return
+            return None
         try:
-            self.reply = Reply(code, enhanced, text)
+            return Reply(code, enhanced, text)
         except ValueError as err:
             self.problem(line, f"{name}: {err}")
+            return None
+
+    def _ratelimit(self, arg: Any, line: int) -> None:
+        if not isinstance(arg, dict):
+            self.problem(
+                line,
+                f"ratelimit: expected {{key: [FIELD, ...], rate: N/minute, burst: N}}, got {describe(arg)}",
+            )
+            return
+        where = arg.line_of if isinstance(arg, LMap) else (lambda _k: line)
+        unknown, missing = set(arg) - set(RATELIMIT_KEYS), {"key", "rate"} - set(arg)
+        if unknown or missing:
+            what = (
+                f"unknown keys {sorted(unknown)}" if unknown else f"missing {' and '.join(sorted(missing))}"
+            )
+            self.problem(
+                line, f"ratelimit: {what}; expected {', '.join(RATELIMIT_KEYS)} (key and rate required)"
+            )
+            return
+        fields, problems = key_fields(arg["key"], self.stage)
+        for message in problems:
+            self.problem(where("key"), message)
+        rate: Rate | None = None
+        try:
+            rate = parse_rate(arg["rate"])
+        except ValueError as err:
+            self.problem(where("rate"), f"ratelimit: rate: {err}")
+        burst = arg.get("burst", rate.default_burst() if rate else 1)
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            self.problem(
+                where("burst"), f"ratelimit: burst: expected a whole number >= 1, got {describe(burst)}"
+            )
+            return
+        default = default_reply(self.stage, self.rule)
+        reply = self._parse_reply("ratelimit: reply", arg.get("reply"), where("reply"), default, "4")
+        if rate is not None and reply is not None and not problems:
+            self.ratelimit = RateLimitAction(fields, rate, burst, reply)
 
     def _quarantine(self, arg: Any, line: int) -> None:
         target = arg.get("to") if isinstance(arg, dict) else arg
@@ -200,7 +266,14 @@ class _Builder:
         if action is Action.QUARANTINE:
             edits.append(HeaderEdit(HeaderEditKind.ADD, QUARANTINE_HEADER, self.rule))
         return RuleActions(
-            action, self.reply, self.quarantine_to, tuple(edits), self.score, self.stop, tuple(self.words)
+            action,
+            self.reply,
+            self.quarantine_to,
+            tuple(edits),
+            self.score,
+            self.stop,
+            tuple(self.words),
+            self.ratelimit,
         )
 
 

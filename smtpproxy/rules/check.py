@@ -12,6 +12,12 @@ State kept between stages (all in ``extras``, nothing on the check itself):
 
 Scores are added to ``txn.score`` directly, as rules run, so that later rules
 and the thresholds see the score so far; verdicts therefore carry score 0.
+
+A ``ratelimit`` action needs the store (I/O) while ``evaluate`` is pure and
+synchronous: evaluation pauses at a matching rate-limited rule (``pending``),
+:meth:`RulesCheck.run_rules` awaits the limiter, then either ends the stage
+with the rule's tempfail or resumes with the next rule. Limits are thus asked
+in rule order, and only while no earlier rule has decided.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from smtpproxy.rules.actions import QUARANTINE_HEADER, RuleActions
@@ -53,6 +59,7 @@ class StageResult:
     edits: list[HeaderEdit] = field(default_factory=list)
     terminal: Rule | None = None
     stopped: bool = False
+    pending: tuple[int, str] | None = None  # (index, key) of a matched ratelimit rule to ask about
 
 
 def match_record(rule: Rule, stage: Stage, evidence: Evidence) -> dict[str, Any]:
@@ -92,11 +99,18 @@ class RulesCheck(Check):
 
     # -- evaluation -----------------------------------------------------------
 
-    def evaluate(self, rules: tuple[Rule, ...], ctx: EvalContext) -> StageResult:
-        """Run ``rules`` in order: record matches, add scores, stop at the first terminal rule."""
-        result = StageResult()
+    def evaluate(
+        self, rules: tuple[Rule, ...], ctx: EvalContext, result: StageResult | None = None, start: int = 0
+    ) -> StageResult:
+        """Run ``rules`` from ``start``: record matches, add scores, stop at the first terminal rule.
+
+        Also stops after a matching rule with a ratelimit, setting ``pending``
+        (see :meth:`run_rules`): its score and header edits apply either way.
+        """
+        result = result if result is not None else StageResult()
         hits = self.engine.metrics.rule_hits
-        for rule in rules:
+        for index in range(start, len(rules)):
+            rule = rules[index]
             evidence = rule.condition(ctx)
             if evidence is None:
                 continue
@@ -109,12 +123,38 @@ class RulesCheck(Check):
                 else:
                     ctx.session.extras["rules_score"] = ctx.score + actions.score
             result.edits.extend(actions.edits)
+            if actions.ratelimit is not None:
+                result.pending = (index, actions.ratelimit.key(ctx))
+                break
             if actions.terminal is not Action.CONTINUE:
                 result.terminal = rule
                 break
             if actions.stop:
                 result.stopped = True
                 break
+        return result
+
+    async def run_rules(self, rules: tuple[Rule, ...], ctx: EvalContext) -> StageResult:
+        """``evaluate``, asking the limiter for each matching ratelimit rule in turn.
+
+        Refused: that rule becomes the stage's terminal rule, a tempfail with
+        the limit's reply. Allowed: its ``stop`` applies, else the next rules run.
+        """
+        result = self.evaluate(rules, ctx)
+        while result.pending is not None:
+            index, key = result.pending
+            result.pending = None
+            rule = rules[index]
+            limit = rule.actions.ratelimit
+            assert limit is not None
+            if not await self.engine.limiter.hit(rule.name, key, limit.rate, limit.burst):
+                refused = replace(rule.actions, terminal=Action.TEMPFAIL, reply=limit.reply)
+                result.terminal = replace(rule, actions=refused)
+                break
+            if rule.actions.stop:
+                result.stopped = True
+                break
+            self.evaluate(rules, ctx, result, index + 1)
         return result
 
     async def prefetch_dnsbl(self, session: Session, zones: tuple[str, ...]) -> None:
@@ -173,7 +213,7 @@ class RulesCheck(Check):
         if not rules:
             return None
         await self.prefetch_dnsbl(session, ruleset.dnsbl_zones[stage])
-        result = self.evaluate(rules, EvalContext(session, None, stage))
+        result = await self.run_rules(rules, EvalContext(session, None, stage))
         session.extras.setdefault("rules_matches", []).extend(result.matched)
         session.extras.setdefault("rules_edits", []).extend(result.edits)
         if result.stopped:
@@ -185,7 +225,14 @@ class RulesCheck(Check):
         rule = result.terminal
         if rule is None or rule.actions.terminal in (Action.DISCARD, Action.QUARANTINE):
             return None
-        return Verdict(rule.actions.terminal, rule.actions.reply, reasons=(rule.name,))
+        return self._decided(rule)
+
+    def _decided(self, rule: Rule) -> Verdict:
+        """The verdict of a rule's accept, reject or tempfail."""
+        reply = rule.actions.reply
+        # 421 means "closing the channel" (RFC 5321 4.2.2): keep the promise.
+        closing = reply is not None and reply.code == 421
+        return Verdict(rule.actions.terminal, reply, reasons=(rule.name,), disconnect=closing)
 
     async def connect(self, session: Session) -> CheckOutcome:
         """Connection rules (client IP, rDNS, DNSBL)."""
@@ -203,7 +250,7 @@ class RulesCheck(Check):
         if txn.extras.get("rules_done") or not rules:
             return None
         await self.prefetch_dnsbl(session, ruleset.dnsbl_zones[stage])
-        result = self.evaluate(rules, EvalContext(session, txn, stage, rcpt))
+        result = await self.run_rules(rules, EvalContext(session, txn, stage, rcpt))
         self._record(txn, result)
         txn.extras["rules_edits"].extend(result.edits)
         rule = result.terminal
@@ -234,7 +281,7 @@ class RulesCheck(Check):
         if rule is None and isinstance(pending, Rule):
             rule = pending
         if rule is not None and rule.actions.terminal in (Action.REJECT, Action.TEMPFAIL):
-            return Verdict(rule.actions.terminal, rule.actions.reply, reasons=(rule.name,))
+            return self._decided(rule)
         if rule is not None and rule.actions.terminal is Action.ACCEPT:
             return Verdict(Action.ACCEPT, header_edits=tuple(edits), reasons=(rule.name,))
         action, reply, reason = self._thresholds(txn.score, edits)

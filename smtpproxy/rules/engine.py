@@ -3,6 +3,8 @@
 The swap is one reference assignment: a transaction keeps the RuleSet it
 captured at MAIL, so a reload never changes the rules of a message in flight.
 A failed reload keeps the old rules running, logs every problem and counts it.
+The ``ratelimit`` action counts through ``limiter``: the App passes its own, so
+rules and the configured ``ratelimits`` share one store (memory or Redis).
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from pathlib import Path
 
 from smtpproxy.config import Config, ScoresConfig
 from smtpproxy.metrics import Metrics
+from smtpproxy.ratelimit.limiter import RateLimiter
+from smtpproxy.ratelimit.memory import MemoryStore
 from smtpproxy.rules.check import DnsResolver, RulesCheck
 from smtpproxy.rules.loader import RulesError
 from smtpproxy.rules.ruleset import RuleSet, empty_ruleset, load_ruleset
 
 log = logging.getLogger("smtpproxy.rules")
 
+# Slots of the in-memory limiter an engine makes for itself (no App limiter): 1 MB.
+OWN_LIMITER_KEYS = 65_536
 MAX_WATCHED = 10_000  # files looked at per poll; a folder with more is watched partially
 Snapshot = tuple[tuple[str, int, int], ...]
 
@@ -42,8 +48,17 @@ def folder_snapshot(folder: Path) -> Snapshot:
     return tuple(sorted(out))
 
 
+def memory_limiter(metrics: Metrics, store: MemoryStore | None = None) -> RateLimiter:
+    """A limiter with no configured limits on an in-memory store: for rules' ``ratelimit`` alone."""
+    return RateLimiter([], store if store is not None else MemoryStore(OWN_LIMITER_KEYS), metrics)
+
+
 class RulesEngine:
-    """The rules of one App: ``current`` RuleSet, ``check`` to register, ``reload()`` and ``watch()``."""
+    """The rules of one App: ``current`` RuleSet, ``check`` to register, ``reload()`` and ``watch()``.
+
+    ``limiter`` serves the ``ratelimit`` action; without one the engine uses
+    its own in-memory limiter (per process).
+    """
 
     def __init__(
         self,
@@ -52,11 +67,13 @@ class RulesEngine:
         *,
         resolver: DnsResolver | None = None,
         scores: ScoresConfig | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.folder = folder
         self.metrics = metrics
         self.resolver = resolver
         self.scores = scores or ScoresConfig()
+        self.limiter = limiter if limiter is not None else memory_limiter(metrics)
         self.current: RuleSet = empty_ruleset()
         self.check = RulesCheck(self)
         self.last_error: RulesError | None = None
@@ -126,8 +143,13 @@ class RulesEngine:
                 log.exception("rules watcher: reload failed")
 
 
-def build_rules_engine(config: Config, resolver: DnsResolver | None, metrics: Metrics) -> RulesEngine:
-    """The App's rules engine, loaded; raises RulesError when the rules folder is bad."""
-    engine = RulesEngine(config.rules_path, metrics, resolver=resolver, scores=config.scores)
+def build_rules_engine(
+    config: Config, resolver: DnsResolver | None, metrics: Metrics, limiter: RateLimiter | None = None
+) -> RulesEngine:
+    """The App's rules engine, loaded; raises RulesError when the rules folder is bad.
+
+    ``limiter``: the App's RateLimiter, so the ``ratelimit`` action uses the configured store.
+    """
+    engine = RulesEngine(config.rules_path, metrics, resolver=resolver, scores=config.scores, limiter=limiter)
     engine.load()
     return engine

@@ -18,6 +18,9 @@ expect::
         expect: {action: reject, code: 554, rules: [reject_executables]}
 
 Every test runs against the whole rule set (all files), as in production.
+``repeat: N`` runs the message N times (a new connection each time) and checks
+the last run: each test has its own in-memory rate limiter with the clock
+stopped, so ``ratelimit`` actions count exactly (``burst: 2`` refuses run 3).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from typing import Any
 
 from smtpproxy.config import ScoresConfig
 from smtpproxy.metrics import Metrics
+from smtpproxy.ratelimit.memory import MemoryStore
 from smtpproxy.rules.check import DnsResolver
-from smtpproxy.rules.engine import RulesEngine
+from smtpproxy.rules.engine import RulesEngine, memory_limiter
 from smtpproxy.rules.loader import LList, LMap, Problem, describe, line_of
 from smtpproxy.rules.ruleset import RuleSet, TestBlock, load_ruleset
 from smtpproxy.session import CheckResult, Recipient, Session, TlsInfo, Transaction, new_id
@@ -42,6 +46,8 @@ TEST_KEYS = ("name", "message", "client_ip", "client_rdns", "helo", "tls", "mail
 AUTH_KEYS = ("spf", "dkim", "dmarc", "arc", "dnsbl")
 EXPECT_KEYS = ("action", "code", "enhanced", "rules", "rules_exact", "not_rules", "headers")
 ACTION_WORDS = {a.word: a for a in Action} | {"deliver": Action.CONTINUE}
+MAX_REPEAT = 1000
+TEST_LIMITER_KEYS = 1024  # slots of each test's own memory store
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,7 @@ class TestCase:
     message: bytes
     facts: dict[str, Any]
     expect: dict[str, Any]
+    repeat: int = 1
 
 
 @dataclass(slots=True)
@@ -163,8 +170,8 @@ def compile_tests(block: TestBlock) -> tuple[list[TestCase], list[Problem]]:
         name = repr(item["name"])
         where = item.line_of if isinstance(item, LMap) else (lambda _k, ln=line: ln)
         for key in item:
-            if key not in (*TEST_KEYS, *AUTH_KEYS, "expect"):
-                allowed = ", ".join((*TEST_KEYS, *AUTH_KEYS, "expect"))
+            if key not in (*TEST_KEYS, *AUTH_KEYS, "repeat", "expect"):
+                allowed = ", ".join((*TEST_KEYS, *AUTH_KEYS, "repeat", "expect"))
                 problems.append(
                     _problem(block.file, where(key), name, f"unknown key {key!r}; expected one of {allowed}")
                 )
@@ -194,9 +201,20 @@ def compile_tests(block: TestBlock) -> tuple[list[TestCase], list[Problem]]:
             problems.append(
                 _problem(block.file, where("client_ip"), name, "client_ip: expected an IP address")
             )
+        repeat = item.get("repeat", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_REPEAT:
+            problems.append(
+                _problem(
+                    block.file,
+                    where("repeat"),
+                    name,
+                    f"repeat: expected a whole number from 1 to {MAX_REPEAT}, got {describe(repeat)}",
+                )
+            )
+            continue
         message = _message(block, item.get("message", ""), where("message"), problems, name)
         facts = {k: item[k] for k in (*TEST_KEYS, *AUTH_KEYS) if k in item and k not in ("name", "message")}
-        cases.append(TestCase(block.file, line, str(item["name"]), message, facts, dict(expect)))
+        cases.append(TestCase(block.file, line, str(item["name"]), message, facts, dict(expect), repeat))
     return cases, problems
 
 
@@ -338,7 +356,10 @@ async def run_rule_tests_async(
             for p in problems
         ]
         for case in cases:
-            outcome = await run_case(engine, case)
+            # Each test counts alone, and time stands still: repeat N is exact.
+            engine.limiter = memory_limiter(engine.metrics, MemoryStore(TEST_LIMITER_KEYS, clock=lambda: 0.0))
+            for _ in range(case.repeat):
+                outcome = await run_case(engine, case)
             results.append(
                 TestResult(case.file, case.line, case.name, check_expectations(case, outcome), outcome)
             )
