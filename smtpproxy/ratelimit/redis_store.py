@@ -152,7 +152,10 @@ def _client(url: str, timeout: float) -> tuple[Any, str]:
         password = unquote(parts.password) if parts.password else None
         sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_timeout": timeout}, **common)
         return sentinel.master_for(path[0], db=db, password=password), PREFIX
-    pool: Any = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=timeout, **common)
+    # A plain (non-blocking) pool: taking a connection from the blocking one cost
+    # more than the script call. Calls are batched per event-loop turn, so few are
+    # ever in flight; past the bound a call fails like an unreachable Redis.
+    pool: Any = aioredis.ConnectionPool.from_url(url, max_connections=256, **common)
     return aioredis.Redis(connection_pool=pool), PREFIX
 
 
