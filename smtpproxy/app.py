@@ -32,9 +32,10 @@ from smtpproxy.pipeline import Pipeline
 from smtpproxy.ratelimit.check import build_ratelimit_checks, build_ratelimiter
 from smtpproxy.ratelimit.session_limits import SessionLimits
 from smtpproxy.rules.engine import RulesEngine, build_rules_engine
-from smtpproxy.server import InboundSMTP, certificate_expiry, make_tls_context
+from smtpproxy.server import InboundSMTP
 from smtpproxy.session import Session, Transaction
 from smtpproxy.stages import Check
+from smtpproxy.tls import certificate_expiry, make_tls_context
 from smtpproxy.verdict import Reply
 
 log = logging.getLogger("smtpproxy.app")

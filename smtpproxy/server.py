@@ -13,17 +13,15 @@ import collections
 import ipaddress
 import logging
 import re
-import ssl
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, login_always_fail, syntax
-from cryptography import x509
 
 from smtpproxy.dataread import DataProblem, read_data
 from smtpproxy.handler import ConnectionHandler
 from smtpproxy.pipeline import INTERNAL_ERROR
+from smtpproxy.replies import ERROR_KINDS, with_enhanced_code
 from smtpproxy.session import Session, TlsInfo, new_id
 from smtpproxy.stages import Stage
 from smtpproxy.verdict import Action, Reply
@@ -33,36 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smtpproxy.server")
 
-_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
-# Enhanced codes (RFC 3463) for the replies aiosmtpd writes itself.
-_ENHANCED_FOR = {
-    "221": "2.0.0",
-    "421": "4.7.0",
-    "451": "4.3.0",
-    "500": "5.5.2",
-    "501": "5.5.4",
-    "502": "5.5.1",
-    "503": "5.5.1",
-    "504": "5.5.4",
-    "530": "5.7.0",
-    "550": "5.7.1",
-    "552": "5.3.4",
-    "553": "5.1.3",
-    "554": "5.7.0",
-    "555": "5.5.4",
-}
-# Replies aiosmtpd writes for bad commands, and how session limits count them.
-_ERROR_KINDS = {
-    "500": "invalid_command",
-    "502": "invalid_command",
-    "501": "syntax",
-    "503": "syntax",
-    "504": "syntax",
-    "555": "syntax",
-}
-
-
-# <local@domain> where local is a dot-atom and domain a plain name: no parser needed.
 _SIMPLE_PATH = re.compile(
     r"^<((?![.])[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\u0080-\U0010ffff]+(?<![.])@[A-Za-z0-9\-\u0080-\U0010ffff]+"
     r"(?:\.[A-Za-z0-9\-\u0080-\U0010ffff]+)*)>(.*)$",
@@ -70,17 +38,6 @@ _SIMPLE_PATH = re.compile(
 )
 
 _HOOKS = ("PROXY", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT", "STARTTLS")
-
-
-def with_enhanced_code(status: str) -> str:
-    """Add an RFC 3463 enhanced code to a one-line reply that lacks one."""
-    if len(status) < 4 or status[3] != " " or _HAS_ENHANCED.match(status):
-        return status
-    code = status[:3]
-    enhanced = _ENHANCED_FOR.get(code)
-    if enhanced is None:
-        return status
-    return f"{code} {enhanced} {status[4:]}"
 
 
 class InboundSMTP(SMTP):
@@ -241,7 +198,7 @@ class InboundSMTP(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             status = with_enhanced_code(status)
-            kind = _ERROR_KINDS.get(status[:3])
+            kind = ERROR_KINDS.get(status[:3])
             if kind is not None and self.session_facts is not None:
                 self.app.metrics.protocol_errors.labels(kind).inc()
                 status = await self._after_error(status, kind)
@@ -410,22 +367,3 @@ class _HandlerShim:
 
     def handle_STARTTLS(self, server: Any, session: Any, envelope: Any) -> bool:
         return True
-
-
-def certificate_expiry(path: Path) -> float | None:
-    """Unix time at which the first certificate in a PEM file expires; None if unreadable."""
-    try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return cert.not_valid_after_utc.timestamp()
-
-
-def make_tls_context(cert: str, key: str, min_version: str) -> ssl.SSLContext:
-    """Server TLS context: TLS 1.2+ (or 1.3), the system's default secure ciphers, no client certs."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.check_hostname = False
-    return ctx
