@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpproxy.backend.smtp import wire_content
+from smtpproxy.backend.wire import wire_content
 from tests.backends import RecordingBackend
 from tests.smtpclient import RawClient, make_message
 

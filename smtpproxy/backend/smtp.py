@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import ssl
 import time
 from collections import deque
@@ -19,22 +18,18 @@ from collections import deque
 import aiosmtplib
 from aiosmtplib.errors import (
     SMTPConnectResponseError,
-    SMTPConnectTimeoutError,
     SMTPException,
-    SMTPServerDisconnected,
-    SMTPTimeoutError,
 )
 
 from smtpproxy.addresses import parse_hostport
 from smtpproxy.backend import (
     BUSY,
-    DROPPED,
     GARBLED,
-    TIMED_OUT,
     TLS_FAILED,
     UNREACHABLE,
     ClientFacts,
 )
+from smtpproxy.backend.wire import StartTlsFailed, failure, wire_content, xtext
 from smtpproxy.config import BackendOptions
 from smtpproxy.metrics import Metrics
 from smtpproxy.verdict import Reply
@@ -44,56 +39,6 @@ log = logging.getLogger("smtpproxy.backend")
 # A pooled connection idle longer than this gets a NOOP before reuse, so a
 # backend that closed it meanwhile costs a reconnect, not a failed transaction.
 NOOP_AFTER = 2.0
-
-_BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 xtext, as XCLIENT and XFORWARD attribute values require."""
-    out = []
-    for byte in value.encode("utf-8", "surrogateescape"):
-        if 33 <= byte <= 126 and byte not in (ord("+"), ord("=")):
-            out.append(chr(byte))
-        else:
-            out.append(f"+{byte:02X}")
-    return "".join(out)
-
-
-class StartTlsFailed(Exception):
-    """The backend offered STARTTLS and the upgrade failed."""
-
-
-def _failure(err: BaseException) -> tuple[str, Reply]:
-    """Classify a transport failure: (metrics kind, reply for the client)."""
-    if isinstance(err, SMTPConnectTimeoutError):
-        return "connect", UNREACHABLE
-    if isinstance(err, SMTPTimeoutError | TimeoutError):
-        return "timeout", TIMED_OUT
-    if isinstance(err, ssl.SSLError | StartTlsFailed):
-        return "tls", TLS_FAILED
-    if isinstance(err, SMTPServerDisconnected | ConnectionError):
-        return "disconnected", DROPPED
-    return "protocol", GARBLED
-
-
-def wire_content(message: bytes) -> bytes:
-    """The message as sent after DATA: CRLF line ends, dot-stuffed, with the final dot.
-
-    Bare CR or LF become CRLF (what Postfix's ``smtpd_forbid_bare_newline =
-    normalize`` does), so a message cannot smuggle an end-of-data marker that
-    the backend would read differently from us. Messages that need neither
-    change (nearly all) are not copied or scanned by a regex.
-    """
-    crlf = message.count(b"\r\n")
-    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
-        message = _BARE_LINE_END.sub(b"\r\n", message)
-    if message.startswith(b"."):
-        message = b"." + message
-    if b"\n." in message:
-        message = message.replace(b"\n.", b"\n..")
-    if message and not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    return message + b".\r\n"
 
 
 class _Connection:
@@ -153,7 +98,7 @@ class SmtpTransaction:
         return reply
 
     def _broke(self, name: str, err: BaseException) -> Reply:
-        kind, reply = _failure(err)
+        kind, reply = failure(err)
         self.broken = True
         self.backend.metrics.backend_errors.labels(kind).inc()
         log.warning("backend %s failed: %s: %s", name, type(err).__name__, err)
@@ -298,7 +243,7 @@ class SmtpBackend:
             self._gauge()
             if not isinstance(err, Exception):
                 raise
-            kind, _ = _failure(err)
+            kind, _ = failure(err)
             reply = TLS_FAILED if kind == "tls" else UNREACHABLE
             if isinstance(err, SMTPConnectResponseError):
                 reply = Reply(
