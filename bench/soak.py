@@ -143,8 +143,13 @@ async def main() -> None:
     pending: set[asyncio.Task[tuple[str, int | None]]] = set()
     counter = itertools.count()
     interval = 1.0 / args.rate
+    timeline: list[float] = []
+    next_sample = time.monotonic()
     try:
         while time.monotonic() < deadline:
+            if time.monotonic() >= next_sample:
+                timeline.append(round(proc_stats(proxy.proc.pid)["rss_kb"] / 1024, 1))
+                next_sample += 60
             n = next(counter)
             kind = KINDS[n % len(KINDS)]
             started = time.perf_counter()
@@ -179,6 +184,7 @@ async def main() -> None:
                 "outcomes": outcomes,
                 "start": start,
                 "end": end,
+                "rss_mb_each_minute": timeline,
                 "p50_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
                 "invariant_violations": violations,
             },
