@@ -26,6 +26,7 @@ class RelayCheck(Check):
 
     name = "relay"
     pure = True
+    timed = False
 
     def __init__(self, relay_domains: list[str]) -> None:
         self.relay_domains = frozenset(relay_domains)
@@ -46,6 +47,7 @@ class LimitsCheck(Check):
 
     name = "limits"
     pure = True
+    timed = False
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits

@@ -48,9 +48,11 @@ class Check:
 
     name: str = "check"
     after: tuple[str, ...] = ()
-    # A pure check does no I/O and cannot hang: the pipeline calls it without a
-    # timeout and without its own latency histogram (the stage's covers it).
+    # A pure check does no I/O and cannot hang: a stage of pure checks runs
+    # without a deadline. ``timed``: the check has its own latency histogram
+    # (core policy checks do not; the stage's histogram covers them).
     pure: bool = False
+    timed: bool = True
 
     async def connect(self, session: Session) -> CheckOutcome:
         """Connection stage; default: nothing to say."""

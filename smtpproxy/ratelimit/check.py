@@ -28,6 +28,8 @@ class RateLimitCheck(Check):
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
         self._stages = limiter.stages()
+        # The memory store does no I/O: its stages need no deadline.
+        self.pure = isinstance(limiter.store, MemoryStore)
 
     def handles(self, stage: Stage) -> bool:
         """Only the stages that have limits (or hold concurrency slots): no cost elsewhere."""

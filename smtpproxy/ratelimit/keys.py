@@ -126,7 +126,10 @@ def build_key(
     rcpt: Recipient | None = None,
 ) -> str:
     """The store key of limit ``name`` for these facts: ``name:value|value``."""
-    value = "|".join(_value(k, spec, session, txn, rcpt).replace("|", "%7C") for k in spec.kinds)
+    if len(spec.kinds) == 1:
+        value = _value(spec.kinds[0], spec, session, txn, rcpt).replace("|", "%7C")
+    else:
+        value = "|".join(_value(k, spec, session, txn, rcpt).replace("|", "%7C") for k in spec.kinds)
     return scoped_key(name, value)
 
 

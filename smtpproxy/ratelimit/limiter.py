@@ -151,7 +151,11 @@ class RateLimiter:
         """Apply the limits of ``stage``: None when all allow, else the refusal verdict."""
         entries: list[Entry] = []
         limits: list[Limit] = []
-        if not self._exempt(self.exempt, session):
+        exempt = session.extras.get("ratelimit.exempt")
+        if exempt is None:
+            # The client's address does not change within a connection.
+            exempt = session.extras["ratelimit.exempt"] = self._exempt(self.exempt, session)
+        if not exempt:
             for lim in self._by_stage[stage]:
                 if lim.exempt and self._exempt(lim.exempt, session):
                     continue
