@@ -78,6 +78,39 @@ async def _builtin_sink(port: int) -> asyncio.base_events.Server:
     return await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
 
 
+class Sink:
+    """The fast sink both sides of a comparison deliver to: Postfix smtp-sink, else a built-in one.
+
+    ``postfix`` also says whether smtp-source is there to generate the load.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.postfix = (
+            shutil.which(tool("smtp-sink")) is not None and shutil.which(tool("smtp-source")) is not None
+        )
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> Sink:
+        if self.postfix:
+            self._proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
+                [tool("smtp-sink"), "-u", "root", "-c", f"127.0.0.1:{self.port}", "1024"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            wait_port(self.port)
+        else:
+            self._server = await _builtin_sink(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+        if self._server is not None:
+            self._server.close()
+
+
 async def _one_message(port: int, body: bytes) -> float:
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -175,21 +208,8 @@ async def main() -> None:
     args = ap.parse_args()
     dns = DnsServer({})
     dns.start()
-    use_postfix = (
-        shutil.which(tool("smtp-sink")) is not None and shutil.which(tool("smtp-source")) is not None
-    )
-    sink_port = free_port()
-    sink_proc = None
-    sink_server = None
-    if use_postfix:
-        sink_proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
-            [tool("smtp-sink"), "-u", "root", "-c", f"127.0.0.1:{sink_port}", "1024"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_port(sink_port)
-    else:
-        sink_server = await _builtin_sink(sink_port)
+    sink = await Sink().start()
+    use_postfix, sink_port = sink.postfix, sink.port
     tmp = Path(tempfile.mkdtemp(prefix="smtpproxy-bench-"))
     config = {
         "backend": f"smtp://127.0.0.1:{sink_port}",
@@ -205,10 +225,7 @@ async def main() -> None:
         try:
             await compare_workers(config, args, use_postfix)
         finally:
-            if sink_proc:
-                sink_proc.terminate()
-            if sink_server:
-                sink_server.close()
+            sink.stop()
             dns.stop()
         return
     proxy = ProxyProcess(tmp, config).start()
@@ -249,10 +266,7 @@ async def main() -> None:
         results["rss_before_mb"] = round(base_rss / 1024, 1)
     finally:
         proxy.stop()
-        if sink_proc:
-            sink_proc.terminate()
-        if sink_server:
-            sink_server.close()
+        sink.stop()
         dns.stop()
     print(json.dumps(results, indent=2))
 

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from core_bench import BODY_2K, _builtin_sink, builtin_load, smtp_source_load  # noqa: E402
+from core_bench import BODY_2K, Sink, builtin_load, smtp_source_load  # noqa: E402
 
 from smtpproxy.config import build_config  # noqa: E402
 from smtpproxy.metrics import Metrics  # noqa: E402
@@ -43,7 +42,7 @@ from smtpproxy.ratelimit.check import RateLimitCheck, build_ratelimit_checks  # 
 from smtpproxy.ratelimit.memory import MemoryStore  # noqa: E402
 from smtpproxy.ratelimit.store import RateEntry  # noqa: E402
 from smtpproxy.session import Recipient, Session, Transaction  # noqa: E402
-from tests.procs import ProxyProcess, free_port, tool, wait_port  # noqa: E402
+from tests.procs import ProxyProcess  # noqa: E402
 from tests.redisserver import RedisServer  # noqa: E402
 
 HIGH = "100000000/hour"
@@ -118,22 +117,8 @@ async def micro(redis_url: str, messages: int) -> dict[str, Any]:
 
 
 async def proxy(redis_url: str, messages: int, sessions: int, rounds: int) -> dict[str, Any]:
-    use_postfix = (
-        shutil.which(tool("smtp-sink")) is not None and shutil.which(tool("smtp-source")) is not None
-    )
-    sink_port = free_port()
-    sink_proc = sink_server = None
-    if use_postfix:
-        import subprocess
-
-        sink_proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
-            [tool("smtp-sink"), "-u", "root", "-c", f"127.0.0.1:{sink_port}", "1024"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_port(sink_port)
-    else:
-        sink_server = await _builtin_sink(sink_port)
+    sink = await Sink().start()
+    use_postfix, sink_port = sink.postfix, sink.port
     base: dict[str, Any] = {
         "backend": f"smtp://127.0.0.1:{sink_port}",
         "relay_domains": ["example.org"],
@@ -162,10 +147,7 @@ async def proxy(redis_url: str, messages: int, sessions: int, rounds: int) -> di
     finally:
         for p in procs.values():
             p.stop()
-        if sink_proc:
-            sink_proc.terminate()
-        if sink_server:
-            sink_server.close()
+        sink.stop()
     med = {name: statistics.median(r) for name, r in rates.items()}
     return {
         "load": "smtp-source" if use_postfix else "builtin",

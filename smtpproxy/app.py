@@ -161,10 +161,7 @@ class App:
         async def lookup() -> None:
             session.rdns = await self.resolver.reverse_name(session.client_address)
 
-        task = asyncio.get_running_loop().create_task(lookup())
-        session.extras["rdns_task"] = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(lookup())
 
     def reload(self) -> None:
         """SIGHUP: reload what can change without a restart (rules, TLS certificate)."""

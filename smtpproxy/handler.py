@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from smtpproxy.backend import BackendTransaction, ClientFacts
-from smtpproxy.headers import apply_edits, received_header, remove_fields_where
+from smtpproxy.headers import apply_edits, received_header
 from smtpproxy.pipeline import INTERNAL_ERROR
 from smtpproxy.session import Recipient, Session, Transaction, new_id
 from smtpproxy.stages import Stage
@@ -198,8 +198,12 @@ class ConnectionHandler:
         self.rcpt_log.append((address, f"{reply.code} {reply.enhanced}".strip()))
         if outcome != "rejected":
             return None
+        return await self.count_error("rejected_rcpt")
+
+    async def count_error(self, kind: str) -> str | None:
+        """Count an error against the session limits and tarpit; the 421 reply when a limit is passed."""
         limits = self.app.session_limits
-        verdict = limits.on_command_error(self.session, "rejected_rcpt")
+        verdict = limits.on_command_error(self.session, kind)
         delay = limits.tarpit_delay(self.session)
         if delay > 0:
             await asyncio.sleep(delay)
@@ -287,11 +291,9 @@ class ConnectionHandler:
         return final
 
     def _final_message(self, txn: Transaction, outcome: StageOutcome) -> bytes:
-        message = txn.message
-        # Incoming Authentication-Results claiming our authserv-id are forgeries.
-        message = remove_fields_where(message, self.app.forged_ar)
         trace = received_header(self.session, txn, self.app.config.hostname)
-        return apply_edits(message, outcome.header_edits, prepend=trace)
+        # Incoming Authentication-Results claiming our authserv-id are forgeries.
+        return apply_edits(txn.message, outcome.header_edits, prepend=trace, drop=self.app.forged_ar)
 
     async def connection_lost(self) -> None:
         """The client is gone, however it went: release everything it held."""

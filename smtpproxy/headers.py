@@ -8,7 +8,7 @@ header block, so everything else stays byte-identical (folding, encodings,
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -131,20 +131,26 @@ def format_field(name: str, value: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
-def apply_edits(message: bytes, edits: Iterable[HeaderEdit], prepend: bytes = b"") -> bytes:
+def apply_edits(
+    message: bytes,
+    edits: Iterable[HeaderEdit],
+    prepend: bytes = b"",
+    drop: Callable[[bytes], bool] | None = None,
+) -> bytes:
     """Apply header edits and prepend trace fields; the body and untouched fields stay byte-identical.
 
-    Removals apply to the incoming fields only (never to the fields we add);
-    additions are prepended in the order given, after ``prepend``.
+    Removals (by name, or every field ``drop(raw_field)`` is true for) apply to
+    the incoming fields only, never to the fields we add; additions are
+    prepended in the order given, after ``prepend``. The header is split once.
     """
     edits = list(edits)
-    if not edits:
+    if not edits and drop is None:
         return prepend + message
     header, rest = split_header(message)
     fields = _fields(header)
     removals = {e.name.lower() for e in edits if e.kind is HeaderEditKind.REMOVE}
-    if removals:
-        fields = [f for f in fields if field_name(f) not in removals]
+    if removals or drop is not None:
+        fields = [f for f in fields if field_name(f) not in removals and not (drop is not None and drop(f))]
     tags = [e.value for e in edits if e.kind is HeaderEditKind.SUBJECT_TAG]
     if tags:
         fields = [_tag_subject(f, tags) if field_name(f) == "subject" else f for f in fields]
@@ -163,12 +169,6 @@ def _tag_subject(field: bytes, tags: list[str]) -> bytes:
     return name + b": " + tag + b" " + stripped
 
 
-def remove_fields_where(message: bytes, predicate: object) -> bytes:
-    """Remove the header fields for which ``predicate(raw_field) -> bool`` is true."""
-    assert callable(predicate)
-    header, rest = split_header(message)
-    fields = _fields(header)
-    kept = [f for f in fields if not predicate(f)]
-    if len(kept) == len(fields):
-        return message
-    return b"".join(kept) + rest
+def remove_fields_where(message: bytes, predicate: Callable[[bytes], bool]) -> bytes:
+    """Remove the header fields for which ``predicate(raw_field)`` is true."""
+    return apply_edits(message, (), drop=predicate)

@@ -19,24 +19,36 @@ from smtpproxy.verdict import Reply
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def _fields_of(record: logging.LogRecord) -> dict[str, Any] | None:
-    fields = getattr(record, "fields", None)
-    return fields if isinstance(fields, dict) else None
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per record; structured fields come from ``extra={"fields": {...}}``."""
+class LineFormatter(logging.Formatter):
+    """A record is one line built by ``line()``, which EventLog's direct path calls too."""
 
     def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
         exc = self.formatException(record.exc_info) if record.exc_info else None
         return self.line(
             record.created,
             record.levelname.lower(),
             record.name,
             record.getMessage(),
-            _fields_of(record),
+            fields if isinstance(fields, dict) else None,
             exc,
         )
+
+    def line(
+        self,
+        created: float,
+        level: str,
+        name: str,
+        msg: str,
+        fields: dict[str, Any] | None,
+        exc: str | None = None,
+    ) -> str:
+        """The line of one event."""
+        raise NotImplementedError
+
+
+class JsonFormatter(LineFormatter):
+    """One JSON object per record; structured fields come from ``extra={"fields": {...}}``."""
 
     def line(
         self,
@@ -62,19 +74,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(LineFormatter):
     """``time level logger msg key=value ...`` for people reading a terminal."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        exc = self.formatException(record.exc_info) if record.exc_info else None
-        return self.line(
-            record.created,
-            record.levelname.lower(),
-            record.name,
-            record.getMessage(),
-            _fields_of(record),
-            exc,
-        )
 
     def line(
         self,
@@ -181,11 +182,8 @@ class EventLog:
             return
         root = logging.getLogger()
         handler = root.handlers[0] if len(root.handlers) == 1 and not logger.handlers else None
-        formatter = handler.formatter if isinstance(handler, BufferedStreamHandler) else None
-        if isinstance(handler, BufferedStreamHandler) and isinstance(
-            formatter, JsonFormatter | TextFormatter
-        ):
-            handler.add_line(formatter.line(time.time(), "info", logger.name, msg, fields))
+        if isinstance(handler, BufferedStreamHandler) and isinstance(handler.formatter, LineFormatter):
+            handler.add_line(handler.formatter.line(time.time(), "info", logger.name, msg, fields))
         else:
             logger.info(msg, extra={"fields": fields})
 

@@ -63,10 +63,6 @@ class Pipeline:
         self._stage_hist = {stage: metrics.stage_duration.labels(stage.value) for stage in Stage}
         self._check_hist = {c.name: metrics.check_duration.labels(c.name) for c in self.checks if c.timed}
 
-    def checks_for(self, stage: Stage) -> list[Check]:
-        """The checks that run at ``stage``, in order."""
-        return self._by_stage[stage]
-
     async def run(
         self,
         stage: Stage,

@@ -199,26 +199,12 @@ class InboundSMTP(SMTP):
         if isinstance(status, str):
             status = with_enhanced_code(status)
             kind = ERROR_KINDS.get(status[:3])
-            if kind is not None and self.session_facts is not None:
+            if kind is not None and self.conn is not None:
                 self.app.metrics.protocol_errors.labels(kind).inc()
-                status = await self._after_error(status, kind)
+                status = await self.conn.count_error(kind) or status
         await super().push(status)
         if self.conn is not None and self.conn.close_after_reply and self.transport is not None:
             self.transport.close()
-
-    async def _after_error(self, status: str, kind: str) -> str:
-        """Count a bad command against the session limits; tarpit; maybe close with 421."""
-        assert self.session_facts is not None
-        limits = self.app.session_limits
-        verdict = limits.on_command_error(self.session_facts, kind)
-        delay = limits.tarpit_delay(self.session_facts)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if verdict is not None and verdict.reply is not None:
-            if self.conn is not None:
-                self.conn.close_after_reply = True
-            return verdict.reply.render()
-        return status
 
     async def handle_exception(self, error: Exception) -> str:
         """An unexpected exception of ours: 451 4.3.0, logged with the ids."""

@@ -6,18 +6,13 @@ Decisions live in :mod:`smtpproxy.verdict`.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import ipaddress
 import secrets
 import time
 from dataclasses import dataclass, field
-from email.message import EmailMessage
 from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 
 def new_id() -> str:
@@ -106,7 +101,6 @@ class Transaction:
     matched_rules: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     extras: dict[str, Any] = field(default_factory=dict)  # per-check transaction state
-    _headers: EmailMessage | None = None
 
     @property
     def sender_domain(self) -> str:
@@ -117,13 +111,6 @@ class Transaction:
     def size(self) -> int:
         """Message size in bytes (0 before DATA)."""
         return len(self.message)
-
-    @property
-    def headers(self) -> Any:
-        """The message header parsed once, lazily (compat32: never raises on bad input)."""
-        if self._headers is None:
-            self._headers = _HEADER_PARSER.parsebytes(self.message, headersonly=True)  # type: ignore[assignment]
-        return self._headers
 
     def add_result(self, result: CheckResult, *, many: bool = False) -> None:
         """Record a check's fact; ``many`` keeps a list (several DKIM signatures)."""

@@ -71,11 +71,6 @@ class Reply:
         return 400 <= self.code < 500
 
     @property
-    def is_permanent(self) -> bool:
-        """5xx."""
-        return self.code >= 500
-
-    @property
     def klass(self) -> str:
         """``2xx``, ``4xx`` or ``5xx`` (a closed set, used as a metrics label)."""
         return f"{self.code // 100}xx"

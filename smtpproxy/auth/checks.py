@@ -7,10 +7,10 @@ verdict it returns, because a terminal verdict (QUARANTINE) ends the stage and
 no later check would get to add it. With DMARC disabled, AuthResultsCheck adds
 the header instead.
 
-Forged A-R fields (those claiming our authserv-id) are removed at delivery:
-``txn.extras["forged_ar_filter"]`` is the predicate the handler passes to
-``remove_fields_where``; ``txn.extras["remove_forged_ar"]`` holds the authserv-id
-for :func:`smtpproxy.auth.authresults.remove_forged` (same result, whole message).
+Forged A-R fields (those claiming our authserv-id) are removed at delivery by
+the handler, with the App's one :func:`smtpproxy.auth.authresults.forged_filter`
+(for every message, whether these checks run or not); ``txn.extras["remove_forged_ar"]``
+records the authserv-id the checks vouched for.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from publicsuffixlist import PublicSuffixList
 
 from smtpproxy.auth.arc import ArcResult, ArcVerifier
-from smtpproxy.auth.authresults import FIELD, build_authentication_results, forged_filter
+from smtpproxy.auth.authresults import FIELD, build_authentication_results
 from smtpproxy.auth.dkim import DkimSignatureResult, DkimVerifier
 from smtpproxy.auth.dmarc import DmarcEvaluator, DmarcResult
 from smtpproxy.auth.spf import build_spf_check
@@ -33,13 +33,11 @@ from smtpproxy.stages import Check, CheckOutcome
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Reply, Verdict
 
 REMOVE_FORGED_KEY = "remove_forged_ar"
-FORGED_FILTER_KEY = "forged_ar_filter"  # what smtpproxy.handler reads: a predicate over raw fields
 
 
 def mark_forged_removal(txn: Transaction, authserv_id: str) -> None:
-    """Ask delivery to drop incoming A-R fields that claim our authserv-id."""
+    """Record that incoming A-R fields claiming ``authserv_id`` are forgeries (dropped at delivery)."""
     txn.extras[REMOVE_FORGED_KEY] = authserv_id
-    txn.extras[FORGED_FILTER_KEY] = forged_filter(authserv_id)
 
 
 class DkimCheck(Check):

@@ -181,17 +181,21 @@ class SmtpBackend:
         self.metrics.backend_pool_size.set(self._open)
         self.metrics.backend_pool_in_use.set(self._open - len(self._idle))
 
-    async def _connect(self) -> _Connection:
-        opts = self.options
-        client = aiosmtplib.SMTP(
+    def _client(self, timeout: float) -> aiosmtplib.SMTP:
+        """An unconnected client for the backend (TLS per the URL; STARTTLS is ours to decide)."""
+        return aiosmtplib.SMTP(
             hostname=self.host,
             port=self.port,
             use_tls=self.implicit_tls,
             start_tls=False,
             tls_context=self._tls_context,
             local_hostname=self.helo_name,
-            timeout=opts.connect_timeout,
+            timeout=timeout,
         )
+
+    async def _connect(self) -> _Connection:
+        opts = self.options
+        client = self._client(opts.connect_timeout)
         try:
             await client.connect()
             await client.ehlo(timeout=opts.command_timeout)
@@ -290,12 +294,6 @@ class SmtpBackend:
             return False
         return response.code == 250
 
-    def supports(self, extension: str) -> bool | None:
-        """Whether an idle pooled connection advertises ``extension`` (None: none open)."""
-        for conn in self._idle:
-            return conn.client.supports_extension(extension)
-        return None
-
     def release(self, conn: _Connection) -> None:
         """Put a healthy connection back for the next transaction."""
         conn.idle_since = time.monotonic()
@@ -315,15 +313,7 @@ class SmtpBackend:
 
     async def probe(self) -> str | None:
         """Connect, read the greeting, QUIT: None when that works."""
-        client = aiosmtplib.SMTP(
-            hostname=self.host,
-            port=self.port,
-            use_tls=self.implicit_tls,
-            start_tls=False,
-            tls_context=self._tls_context,
-            local_hostname=self.helo_name,
-            timeout=min(self.options.connect_timeout, 5.0),
-        )
+        client = self._client(min(self.options.connect_timeout, 5.0))
         try:
             await client.connect()
             await client.quit()
