@@ -126,10 +126,7 @@ class ConnectionHandler:
             return limited.reply.render()
         outcome = await self.app.pipeline.run(Stage.MAIL, self.session, txn)
         if outcome.action in (Action.REJECT, Action.TEMPFAIL):
-            self.app.metrics.messages.labels(outcome.action.word, "mail", outcome.decided_by).inc()
-            self.app.logs.transaction(
-                self.session, txn, outcome.action.word, "mail", outcome.decided_by, outcome.reply, []
-            )
+            self._log_refused(txn, outcome.decided_by, outcome.reply or _default_reply(outcome.action))
             return self._refuse(outcome)
         txn.extras["mail_outcome"] = outcome
         needs = frozenset(
@@ -153,6 +150,7 @@ class ConnectionHandler:
         return reply.render()
 
     def _log_refused(self, txn: Transaction, reason: str, reply: Reply) -> None:
+        """A transaction that ended at MAIL: the same action words as every other stage."""
         action = "tempfailed" if reply.is_transient else "rejected"
         self.app.metrics.messages.labels(action, "mail", reason).inc()
         self.app.logs.transaction(self.session, txn, action, "mail", reason, reply, [])

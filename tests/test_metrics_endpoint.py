@@ -126,3 +126,18 @@ async def test_idle_timeout_is_counted(backend: RecordingBackend, start_proxy) -
         assert (await c.reply()).code == 421
     _, _, text = await fetch(proxy.metrics_url + "/metrics")
     assert sample(text, "smtpproxy_protocol_errors_total", kind="timeout") == 1
+
+
+async def test_mail_stage_refusal_uses_the_same_action_words(backend: RecordingBackend, start_proxy) -> None:
+    proxy = await start_proxy(
+        {"ratelimits": [{"name": "one_msg", "key": "client_ip", "rate": "1/hour", "burst": 1, "on": "mail"}]}
+    )
+    async with RawClient(proxy.host, proxy.port) as c:
+        await c.connect()
+        assert (await c.send_message("s@sender.example", ["user@example.org"], make_message())).code == 250
+        assert (await c.cmd("MAIL FROM:<s@sender.example>")).code == 450
+    _, _, text = await fetch(proxy.metrics_url + "/metrics")
+    assert (
+        sample(text, "smtpproxy_messages_total", action="tempfailed", stage="mail", reason="ratelimit") == 1
+    )
+    assert sample(text, "smtpproxy_messages_total", action="tempfail") == 0
