@@ -289,3 +289,60 @@ async def test_concurrent_calls_batched_into_one_script_stay_exact(store: RedisS
     assert all(r[0] > 0 and r[1] == 0.0 for r in results if r != [0.0, 0.0])
     # The refused groups wrote nothing: their "other" keys are still fresh.
     assert (await store.apply([RateEntry("other:29", 3600.0, 1)])) == [0.0]
+
+
+async def test_script_reloaded_after_redis_forgets_it(store: RedisStore, redis_server: RedisServer) -> None:
+    # A restarted or flushed Redis answers NOSCRIPT: the call falls back to EVAL.
+    entry = RateEntry("flush:k", 3600.0, 1)
+    assert await store.apply([entry]) == [0.0]
+    assert redis_server.command("SCRIPT", "FLUSH") == b"+OK\r\n"
+    assert (await store.apply([entry]))[0] > 0
+    assert (await store.apply([RateEntry("flush:other", 3600.0, 1)])) == [0.0]
+
+
+async def test_requests_made_during_a_call_share_the_next_one(redis_server: RedisServer) -> None:
+    # Group commit: one call in flight; everything asked meanwhile goes out together.
+    store = RedisStore(redis_server.url, timeout=5.0)
+    assert redis_server.proc is not None
+    assert await store.apply([RateEntry("warm:k", 1.0, 1)]) == [0.0]
+    calls = store.calls
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        first = asyncio.ensure_future(store.apply([RateEntry("gc:first", 3600.0, 1)]))
+        await asyncio.sleep(0.05)  # the first call is now in flight, unanswered
+        rest = []
+        for _ in range(20):  # asked in different event-loop turns
+            rest.append(asyncio.ensure_future(store.apply([RateEntry("gc:rest", 3600.0, 5)])))
+            await asyncio.sleep(0.005)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert await first == [0.0]
+    answers = await asyncio.gather(*rest)
+    assert store.calls - calls == 2
+    assert sum(1 for a in answers if a == [0.0]) == 5  # still exact inside the shared call
+    await store.close()
+
+
+async def test_no_stale_reply_after_a_timed_out_call(redis_server: RedisServer) -> None:
+    # A call cut short by the timeout leaves its reply on the wire: the
+    # connection is dropped, so a later call never reads that reply as its own.
+    store = RedisStore(redis_server.url, timeout=0.2)
+    assert redis_server.proc is not None
+    assert await store.apply([RateEntry("stale:k", 3600.0, 1)]) == [0.0]
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreError) as err:
+            await store.apply([RateEntry("stale:other", 3600.0, 1)])  # would answer [0]
+        assert err.value.kind == "timeout"
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    for _ in range(100):  # bounded: Redis needs a moment to answer again
+        try:
+            answer = await store.apply([RateEntry("stale:k", 3600.0, 1)])
+            break
+        except StoreError:
+            await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the store did not come back")
+    assert answer[0] > 0  # its own (refused) answer, not the stale allowed one
+    await store.close()

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
@@ -171,6 +172,13 @@ _Item = Entry | _Release
 _Waiter = tuple[Sequence[_Item], "asyncio.Future[list[float]]"]
 
 
+def _pack(*parts: str | int) -> bytes:
+    """One Redis command in RESP, packed by hiredis (C; redis-py packs in Python)."""
+    # hiredis' stub types the argument as a 1-tuple; any tuple is accepted.
+    packed: bytes = hiredis.pack_command(parts)  # type: ignore[arg-type]
+    return packed
+
+
 def _args(entry: _Item) -> str:
     if isinstance(entry, RateEntry):
         return f"g {entry.interval * 1e6:.3f} {entry.burst} {entry.cost}"
@@ -185,10 +193,16 @@ def _args(entry: _Item) -> str:
 class RedisStore:
     """Rate-limit state in Redis, shared by every process that uses the same URL.
 
-    Requests made by concurrent sessions in the same event-loop turn go out
-    together as one script call (each still all-or-nothing on its own): at a
-    busy MX most stages then share a round trip, which is what keeps Redis
-    cheap for the proxy's single core. No request waits for a batch to fill.
+    Group commit: one script call is in flight at a time, and every request
+    made meanwhile (by any session) goes out together in the next call, each
+    still all-or-nothing on its own. A lone request goes out at once; under
+    load, calls carry many sessions' requests, so Redis costs the proxy's single
+    core a few round trips per batch instead of one per stage.
+
+    Standalone and Sentinel stores keep one connection of their own and send
+    the call packed by hiredis: the generic client path (pool checkout,
+    per-call timeouts, Python packing) cost more CPU than the round trip.
+    Cluster stores go through redis-py's cluster client.
     """
 
     def __init__(self, url: str, timeout: float = 0.25, max_batch: int = 256) -> None:
@@ -198,10 +212,12 @@ class RedisStore:
         self.timeout = timeout
         self.max_batch = max_batch
         self._redis, self.prefix = _client(url, timeout)
+        self._cluster = isinstance(self._redis, RedisCluster)
         self._script = self._redis.register_script(SCRIPT)
+        self._conn: Any = None
         self._queue: list[_Waiter] = []
-        self._flush_handle: asyncio.Handle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._sender: asyncio.Task[None] | None = None
+        self.calls = 0  # script calls made (batches), for the bench and tests
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -220,32 +236,35 @@ class RedisStore:
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
     async def _submit(self, items: Sequence[_Item]) -> list[float]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[float]] = loop.create_future()
+        future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
         self._queue.append((items, future))
-        if self._flush_handle is None:
-            self._flush_handle = loop.call_soon(self._flush)
+        if self._sender is None:
+            # Started on the next loop turn: requests of this turn join the call.
+            self._sender = asyncio.get_running_loop().create_task(self._send_all())
         try:
             async with asyncio.timeout(self.timeout):
                 return await future
         except TimeoutError as err:
             raise StoreError("timeout", f"redis {self._where()}: no answer within {self.timeout}s") from err
 
-    def _flush(self) -> None:
-        self._flush_handle = None
-        queue, self._queue = [w for w in self._queue if not w[1].done()], []
-        for start in range(0, len(queue), self.max_batch):
-            task = asyncio.get_running_loop().create_task(self._run(queue[start : start + self.max_batch]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    async def _send_all(self) -> None:
+        try:
+            while self._queue:
+                batch = [w for w in self._queue[: self.max_batch] if not w[1].done()]
+                del self._queue[: self.max_batch]
+                if batch:
+                    await self._run(batch)
+        finally:
+            self._sender = None
 
     async def _run(self, batch: list[_Waiter]) -> None:
         items = [item for entries, _ in batch for item in entries]
         keys = [self.prefix + item.key for item in items]
         args = [",".join(str(len(entries)) for entries, _ in batch)]
         args += [_args(item) for item in items]
+        self.calls += 1
         try:
-            reply = await self._call(self._script(keys=keys, args=args))
+            reply = await self._call(self._eval(keys, args))
         except StoreError as err:
             for _, future in batch:
                 if not future.done():
@@ -260,6 +279,37 @@ class RedisStore:
             if not future.done():
                 future.set_result([int(x) / 1e6 for x in reply[pos : pos + len(entries)]])
             pos += len(entries)
+
+    async def _eval(self, keys: list[str], args: list[str]) -> Any:
+        if self._cluster:
+            return await self._script(keys=keys, args=args)
+        conn = self._conn
+        if conn is None:
+            pool = self._redis.connection_pool
+            # No socket timeout of its own: ``_call`` bounds the whole call.
+            conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+            self._conn = conn
+        try:
+            if not conn.is_connected:
+                # connect() (not the implicit one of send): Sentinel asks for the master here.
+                await conn.connect()
+            await conn.send_packed_command(
+                _pack("EVALSHA", self._script.sha, len(keys), *keys, *args), check_health=False
+            )
+            try:
+                return await conn.read_response()
+            except redis.exceptions.NoScriptError:
+                # Redis restarted or flushed its script cache: EVAL loads it again.
+                await conn.send_packed_command(
+                    _pack("EVAL", SCRIPT, len(keys), *keys, *args), check_health=False
+                )
+                return await conn.read_response()
+        except BaseException:
+            # Cut short (timeout, cancellation) or broken: its next reply could
+            # belong to this call, so the connection is not used again.
+            self._conn = None
+            await conn.disconnect(nowait=True)
+            raise
 
     async def apply(self, entries: Sequence[Entry]) -> list[float]:
         """See ``Store.apply``: one script call, shared with concurrent sessions' calls."""
@@ -281,9 +331,11 @@ class RedisStore:
 
     async def close(self) -> None:
         """Finish calls in flight, then close the client and its connections."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=self.timeout * 2)
+        if self._sender is not None:
+            await asyncio.wait({self._sender}, timeout=self.timeout * 2)
         try:
+            if self._conn is not None:
+                await self._conn.disconnect()
             await self._redis.aclose()
         except (redis.exceptions.RedisError, OSError):
             return
