@@ -60,6 +60,7 @@ class Pipeline:
         self.timeout = timeout
         self.on_error = on_error
         self._by_stage = {stage: [c for c in self.checks if c.handles(stage)] for stage in Stage}
+        self._pure = {stage: all(c.pure for c in checks) for stage, checks in self._by_stage.items()}
         self._stage_hist = {stage: metrics.stage_duration.labels(stage.value) for stage in Stage}
         self._check_hist = {c.name: metrics.check_duration.labels(c.name) for c in self.checks if c.timed}
 
@@ -83,9 +84,8 @@ class Pipeline:
         try:
             # One deadline for the stage: cheaper than one per check, and the
             # check running when it passes is the one that gets the blame.
-            deadline = (
-                contextlib.nullcontext() if all(c.pure for c in checks) else asyncio.timeout(self.timeout)
-            )
+            pure = self._pure[stage] or all(c.pure for c in checks)
+            deadline = contextlib.nullcontext() if pure else asyncio.timeout(self.timeout)
             async with deadline:
                 for check in checks:
                     current = check

@@ -28,8 +28,10 @@ class RateLimitCheck(Check):
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
         self._stages = limiter.stages()
-        # The memory store does no I/O: its stages need no deadline.
+        # The memory store does no I/O: its stages need no deadline, and its
+        # microseconds are timed with the stage rather than on their own.
         self.pure = isinstance(limiter.store, MemoryStore)
+        self.timed = not self.pure
 
     def handles(self, stage: Stage) -> bool:
         """Only the stages that have limits (or hold concurrency slots): no cost elsewhere."""

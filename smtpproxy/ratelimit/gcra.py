@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # The units of ``rate: N/unit`` in the configuration, in seconds.
 UNITS: dict[str, float] = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
@@ -79,8 +80,7 @@ def parse_rate(text: str) -> Rate:
     return Rate(int(m.group(1)), m.group(2))
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """Outcome of one GCRA step.
 
     ``tat`` is the value to store (unchanged when refused); ``retry_after`` is

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from smtpproxy.session import IPAddress, Recipient, Session, Transaction
@@ -80,29 +82,40 @@ def client_ip(session: Session) -> IPAddress:
     return ip
 
 
+def ip_text(ip: IPAddress) -> str:
+    """``str(ip)``; IPv4 (most clients) formatted in C, several times faster."""
+    if ip.version == 4:
+        return socket.inet_ntop(socket.AF_INET, ip.packed)
+    return str(ip)
+
+
 def client_net(ip: IPAddress, prefix: int) -> str:
     """``ip`` masked to ``prefix`` bits, as a network in CIDR form (``192.0.2.0/24``)."""
     bits = ip.max_prefixlen
     masked = int(ip) & (((1 << prefix) - 1) << (bits - prefix))
-    return f"{type(ip)(masked)}/{prefix}"
+    return f"{ip_text(type(ip)(masked))}/{prefix}"
+
+
+def _connection_value(kind: str, spec: KeySpec, session: Session) -> str:
+    # Constant for the connection and asked at every stage: computed once.
+    cache: dict[tuple[str, int, int], str] = session.extras.setdefault("ratelimit.keys", {})
+    ck = (kind, spec.ipv4_prefix, spec.ipv6_prefix)
+    value = cache.get(ck)
+    if value is None:
+        ip = client_ip(session)
+        if kind == "client_ip":
+            value = ip_text(ip)
+        else:
+            value = client_net(ip, spec.ipv4_prefix if ip.version == 4 else spec.ipv6_prefix)
+        cache[ck] = value
+    return value
 
 
 def _value(
     kind: str, spec: KeySpec, session: Session, txn: Transaction | None, rcpt: Recipient | None
 ) -> str:
-    if kind in ("client_ip", "client_net"):
-        # Constant for the connection and asked at every stage: computed once.
-        cache: dict[tuple[str, int, int], str] = session.extras.setdefault("ratelimit.keys", {})
-        ck = (kind, spec.ipv4_prefix, spec.ipv6_prefix)
-        value = cache.get(ck)
-        if value is None:
-            ip = client_ip(session)
-            if kind == "client_ip":
-                value = str(ip)
-            else:
-                value = client_net(ip, spec.ipv4_prefix if ip.version == 4 else spec.ipv6_prefix)
-            cache[ck] = value
-        return value
+    if kind in CONNECTION_KINDS:
+        return _connection_value(kind, spec, session)
     if kind == "helo":
         return (session.helo or "").lower()
     if kind in ("sender", "sender_domain"):
@@ -118,6 +131,38 @@ def _value(
     raise ValueError(f"unknown key kind {kind!r}")
 
 
+KeyFunction = Callable[[Session, "Transaction | None", "Recipient | None"], str]
+
+
+def compile_key(name: str, spec: KeySpec) -> KeyFunction:
+    """The function building the key of limit ``name`` (see :func:`build_key`), made once per limit.
+
+    A key on the client alone (the common connection limits) skips the general
+    path: its value is an address or network, short, printable and without ``|``.
+    """
+    if len(spec.kinds) == 1 and spec.kinds[0] in CONNECTION_KINDS:
+        kind, prefix = spec.kinds[0], name + ":"
+
+        def client_key(session: Session, txn: Transaction | None, rcpt: Recipient | None) -> str:
+            return prefix + _connection_value(kind, spec, session)
+
+        return client_key
+
+    if len(spec.kinds) == 1:
+        only = spec.kinds[0]
+
+        def single_key(session: Session, txn: Transaction | None, rcpt: Recipient | None) -> str:
+            return scoped_key(name, _value(only, spec, session, txn, rcpt).replace("|", "%7C"))
+
+        return single_key
+
+    def combined_key(session: Session, txn: Transaction | None, rcpt: Recipient | None) -> str:
+        values = [_value(k, spec, session, txn, rcpt).replace("|", "%7C") for k in spec.kinds]
+        return scoped_key(name, "|".join(values))
+
+    return combined_key
+
+
 def build_key(
     name: str,
     spec: KeySpec,
@@ -126,11 +171,7 @@ def build_key(
     rcpt: Recipient | None = None,
 ) -> str:
     """The store key of limit ``name`` for these facts: ``name:value|value``."""
-    if len(spec.kinds) == 1:
-        value = _value(spec.kinds[0], spec, session, txn, rcpt).replace("|", "%7C")
-    else:
-        value = "|".join(_value(k, spec, session, txn, rcpt).replace("|", "%7C") for k in spec.kinds)
-    return scoped_key(name, value)
+    return compile_key(name, spec)(session, txn, rcpt)
 
 
 def scoped_key(name: str, value: str) -> str:

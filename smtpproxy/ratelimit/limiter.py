@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from smtpproxy.metrics import Metrics
 from smtpproxy.ratelimit.gcra import Rate
-from smtpproxy.ratelimit.keys import KeySpec, build_key, client_ip, scoped_key
+from smtpproxy.ratelimit.keys import KeyFunction, KeySpec, client_ip, compile_key, scoped_key
+from smtpproxy.ratelimit.memory import MemoryStore
 from smtpproxy.ratelimit.store import Entry, RateEntry, SlotAcquire, SlotRefresh, Store, StoreError
 from smtpproxy.session import Recipient, Session, Transaction
 from smtpproxy.stages import Stage
@@ -39,6 +40,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Session.extras keys of this module.
 SLOTS = "ratelimit.slots"  # list of (key, token) held by the connection
 REFRESHED = "ratelimit.refreshed"  # monotonic time the slots were last refreshed
+_EXEMPT = "ratelimit.exempt"  # the client is in ``ratelimit_exempt``
 _EARLY = (Stage.CONNECT, Stage.HELO)
 
 
@@ -100,6 +102,18 @@ class RateLimiter:
         self.retry_interval = retry_interval
         self.clock = clock
         self._by_stage = {s: tuple(lim for lim in self.limits if lim.stage is s) for s in Stage}
+        # Per stage: each limit with its key function and emission interval, made once.
+        self._plans: dict[Stage, tuple[tuple[Limit, KeyFunction, float], ...]] = {
+            stage: tuple(
+                (lim, compile_key(lim.name, lim.spec), lim.rate.interval if lim.rate else 0.0)
+                for lim in limits
+            )
+            for stage, limits in self._by_stage.items()
+        }
+        # The memory store answers synchronously: called directly, without the failure path.
+        # With the (random) session id, makes slot tokens unique across processes.
+        self._instance = secrets.token_hex(6)
+        self._local = store.apply_at if isinstance(store, MemoryStore) else None
         self._down_until = 0.0
         self._down_kind = ""
 
@@ -149,54 +163,65 @@ class RateLimiter:
         rcpt: Recipient | None = None,
     ) -> Verdict | None:
         """Apply the limits of ``stage``: None when all allow, else the refusal verdict."""
+        extras = session.extras
         entries: list[Entry] = []
-        limits: list[Limit] = []
-        exempt = session.extras.get("ratelimit.exempt")
-        if exempt is None:
-            # The client's address does not change within a connection.
-            exempt = session.extras["ratelimit.exempt"] = self._exempt(self.exempt, session)
-        if not exempt:
-            for lim in self._by_stage[stage]:
-                if lim.exempt and self._exempt(lim.exempt, session):
-                    continue
-                key = build_key(lim.name, lim.spec, session, txn, rcpt)
-                if lim.rate is not None:
-                    entries.append(RateEntry(key, lim.rate.interval, lim.burst))
-                else:
-                    assert lim.concurrency is not None
-                    entries.append(
-                        SlotAcquire(key, self._token(session), lim.concurrency, self.concurrency_ttl)
-                    )
-                limits.append(lim)
-        refreshes = self._refreshes(session)
-        entries += refreshes
+        used: list[Limit] = []  # the limit of each entry, in order (exempt ones skipped)
+        plan = self._plans[stage]
+        if plan:
+            exempt = extras.get(_EXEMPT)
+            if exempt is None:
+                # The client's address does not change within a connection.
+                exempt = extras[_EXEMPT] = self._exempt(self.exempt, session)
+            if exempt:
+                plan = ()
+        for lim, key_of, interval in plan:
+            if lim.exempt and self._exempt(lim.exempt, session):
+                continue
+            key = key_of(session, txn, rcpt)
+            if lim.concurrency is None:
+                entries.append(RateEntry(key, interval, lim.burst))
+            else:
+                entries.append(SlotAcquire(key, self._token(session), lim.concurrency, self.concurrency_ttl))
+            used.append(lim)
+        applied = len(entries)  # entries[:applied] belong to limits, the rest are refreshes
+        if SLOTS in extras:
+            entries += self._refreshes(session)
         if not entries:
             return None
         slots = [(e.key, e.token) for e in entries if isinstance(e, SlotAcquire)]
         if slots:
             # Recorded before asking: if the call is cut short after Redis took
             # the slot, disconnect still gives it back.
-            session.extras.setdefault(SLOTS, []).extend(slots)
-            session.extras[REFRESHED] = self.clock()
-        results = await self._apply(entries)
-        if results is None:
-            return None if self.fail_open else unavailable_verdict(stage)
-        refused = [lim for lim, wait in zip(limits, results, strict=False) if wait > 0]
+            extras.setdefault(SLOTS, []).extend(slots)
+            extras[REFRESHED] = self.clock()
+        if self._local is not None:
+            results = self._local(entries, self.clock())  # memory store: no I/O, cannot fail
+        else:
+            stored = await self._apply(entries)
+            if stored is None:
+                return None if self.fail_open else unavailable_verdict(stage)
+            results = stored
+        if any(results[:applied]):
+            return self._refused(stage, session, used, results, len(slots))
+        if applied < len(entries):
+            extras[REFRESHED] = self.clock()
+        return None
+
+    def _refused(
+        self, stage: Stage, session: Session, used: list[Limit], results: list[float], slots: int
+    ) -> Verdict:
+        refused = [lim for lim, wait in zip(used, results, strict=False) if wait > 0]
         for lim in refused:
             self.metrics.ratelimit_hits.labels(limit=lim.name).inc()
-        if refused:
-            if slots:
-                del session.extras[SLOTS][-len(slots) :]
-            return refused_verdict(stage, refused[0])
-        if refreshes:
-            session.extras[REFRESHED] = self.clock()
-        return None
+        if slots:
+            del session.extras[SLOTS][-slots:]
+        return refused_verdict(stage, refused[0])
 
     def _token(self, session: Session) -> str:
         # Unique per connection across processes and machines: the slot's member.
         token = session.extras.get("ratelimit.token")
         if token is None:
-            token = session.extras["ratelimit.token"] = f"{session.id}.{secrets.token_hex(6)}"
+            token = session.extras["ratelimit.token"] = f"{session.id}.{self._instance}"
         return str(token)
 
     def _refreshes(self, session: Session) -> list[Entry]:

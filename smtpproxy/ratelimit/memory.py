@@ -55,12 +55,11 @@ class MemoryStore:
         return len(self._hashes)
 
     def _find(self, key: str) -> tuple[int, int, bool]:
-        """(set base, index of the key or of the slot to replace, found)."""
+        """(the key's hash, index of the key or of the slot to replace, found)."""
         h = hash(key) or 1  # 0 marks an empty slot
         base = (h % self._sets) * WAYS
-        ways = self._hashes[base : base + WAYS]
         try:
-            return h, base + ways.index(h), True
+            return h, self._hashes.index(h, base, base + WAYS), True
         except ValueError:
             tats = self._tats[base : base + WAYS]
             return h, base + tats.index(min(tats)), False
@@ -78,27 +77,40 @@ class MemoryStore:
     def apply_at(self, entries: Sequence[Entry], now: float) -> list[float]:
         """The store's operation at time ``now`` (synchronous; see ``Store.apply``)."""
         results: list[float] = []
-        updates: list[tuple[str, float]] = []
+        writes: list[tuple[str, int, int, float]] = []  # key, hash, index, new TAT
+        refused = False
         for entry in entries:
             if isinstance(entry, RateEntry):
-                _, i, found = self._find(entry.key)
+                h, i, found = self._find(entry.key)
                 d = gcra(self._tats[i] if found else None, now, entry.interval, entry.burst, entry.cost)
+                if d.allowed:
+                    writes.append((entry.key, h, i, d.tat))
+                else:
+                    refused = True
                 results.append(d.retry_after)
-                updates.append((entry.key, d.tat))
             elif isinstance(entry, SlotAcquire):
-                held = self._live(entry.key, now)
-                ok = entry.token in held or len(held) < entry.limit
-                results.append(0.0 if ok else entry.ttl)
+                held = self._slots.get(entry.key, {})
+                # Expired slots only matter when the key looks full: dropping them
+                # then (and in the periodic sweep) keeps an acquisition O(1).
+                if len(held) >= entry.limit:
+                    held = self._live(entry.key, now)
+                if entry.token in held or len(held) < entry.limit:
+                    results.append(0.0)
+                else:
+                    refused = True
+                    results.append(entry.ttl)
             else:
                 results.append(0.0)
-        if any(results):
+        if refused:
             return results
-        # Found again rather than remembered: an earlier write of this call may
-        # have taken the slot chosen for replacement in the same set.
-        for key, tat in updates:
-            h, i, _ = self._find(key)
+        written = False
+        for key, h, i, tat in writes:
+            if written:
+                # An earlier write of this call may have taken the slot: look again.
+                h, i, _ = self._find(key)
             self._hashes[i] = h
             self._tats[i] = tat
+            written = True
         for entry in entries:
             if isinstance(entry, SlotAcquire):
                 self._slots.setdefault(entry.key, {})[entry.token] = now + entry.ttl
