@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import ipaddress
 import textwrap
@@ -219,6 +220,20 @@ async def test_transaction_keeps_its_rules_across_a_reload(tmp_path: Path) -> No
     await engine.check.mail(session, fresh)
     await engine.check.data(session, fresh)
     assert fresh.matched_rules == ["new_rule"]
+
+
+def test_a_replaced_ruleset_is_freed_without_the_cycle_collector() -> None:
+    # The server freezes its startup heap (cli.tune_gc): frozen objects are only
+    # freed by reference counting, so an old ruleset must hold no reference cycle.
+    engine = RulesEngine(REPO_RULES, Metrics(process=False))
+    engine.load()
+    gc.collect()
+    gc.disable()
+    try:
+        assert engine.reload() is True
+        assert gc.collect() == 0  # nothing of the old rules was left to the collector
+    finally:
+        gc.enable()
 
 
 def test_failed_reload_keeps_the_old_rules_and_counts(
