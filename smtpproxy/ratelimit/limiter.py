@@ -166,6 +166,7 @@ class RateLimiter:
         extras = session.extras
         entries: list[Entry] = []
         used: list[Limit] = []  # the limit of each entry, in order (exempt ones skipped)
+        slots: list[tuple[str, str]] = []  # concurrency slots taken here: (key, token)
         plan = self._plans[stage]
         if plan:
             exempt = extras.get(_EXEMPT)
@@ -181,30 +182,32 @@ class RateLimiter:
             if lim.concurrency is None:
                 entries.append(RateEntry(key, interval, lim.burst))
             else:
-                entries.append(SlotAcquire(key, self._token(session), lim.concurrency, self.concurrency_ttl))
+                token = self._token(session)
+                entries.append(SlotAcquire(key, token, lim.concurrency, self.concurrency_ttl))
+                slots.append((key, token))
             used.append(lim)
-        applied = len(entries)  # entries[:applied] belong to limits, the rest are refreshes
-        if SLOTS in extras:
-            entries += self._refreshes(session)
+        refreshes = self._refreshes(session) if SLOTS in extras else None
+        if refreshes:
+            entries += refreshes
         if not entries:
             return None
-        slots = [(e.key, e.token) for e in entries if isinstance(e, SlotAcquire)]
+        now = self.clock()
         if slots:
             # Recorded before asking: if the call is cut short after Redis took
             # the slot, disconnect still gives it back.
             extras.setdefault(SLOTS, []).extend(slots)
-            extras[REFRESHED] = self.clock()
+            extras[REFRESHED] = now
         if self._local is not None:
-            results = self._local(entries, self.clock())  # memory store: no I/O, cannot fail
+            results = self._local(entries, now)  # memory store: no I/O, cannot fail
         else:
             stored = await self._apply(entries)
             if stored is None:
                 return None if self.fail_open else unavailable_verdict(stage)
             results = stored
-        if any(results[:applied]):
+        if any(results):  # refreshes are never refused: a wait belongs to a limit
             return self._refused(stage, session, used, results, len(slots))
-        if applied < len(entries):
-            extras[REFRESHED] = self.clock()
+        if refreshes:
+            extras[REFRESHED] = now
         return None
 
     def _refused(
