@@ -47,6 +47,13 @@ class Metrics:
             ["tls"],
             registry=r,
         )
+        self.tls_handshake_failures = Counter(
+            "smtpproxy_tls_handshake_failures",
+            "Inbound STARTTLS handshakes that failed, by reason (protocol_version, "
+            "no_shared_cipher, certificate, not_tls, closed, timeout, other).",
+            ["reason"],
+            registry=r,
+        )
         self.connections_rejected = Counter(
             "smtpproxy_connections_rejected",
             "Client connections refused before or at the banner, by reason.",

@@ -16,7 +16,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.proxy_protocol import ProxyData
-from aiosmtpd.smtp import SMTP, login_always_fail, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail, syntax
 
 from smtpproxy.dataread import DataProblem, read_data
 from smtpproxy.handler import ConnectionHandler
@@ -24,6 +24,7 @@ from smtpproxy.pipeline import INTERNAL_ERROR
 from smtpproxy.replies import ERROR_KINDS, with_enhanced_code
 from smtpproxy.session import Session, TlsInfo, new_id
 from smtpproxy.stages import Stage
+from smtpproxy.tls import handshake_failure_reason
 from smtpproxy.verdict import Action, Reply
 
 if TYPE_CHECKING:
@@ -208,6 +209,10 @@ class InboundSMTP(SMTP):
 
     async def handle_exception(self, error: Exception) -> str:
         """An unexpected exception of ours: 451 4.3.0, logged with the ids."""
+        if isinstance(error, TLSSetupException):
+            # A failed handshake, already counted and logged: aiosmtpd closes the
+            # connection (there is no channel left to send a reply on).
+            return "421 4.7.0 TLS handshake failed"
         facts = self.session_facts
         txn = self.conn.txn if self.conn else None
         log.error(
@@ -292,7 +297,20 @@ class InboundSMTP(SMTP):
         if self.conn is not None and self.conn.txn is not None:
             await self.push("503 5.5.1 STARTTLS not allowed inside a transaction")
             return
-        await super().smtp_STARTTLS(arg)
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as err:
+            # The connection closes; count why, so a client population stuck on
+            # old TLS versions or distrusting our certificate shows up.
+            reason = handshake_failure_reason(err.__cause__)
+            self.app.metrics.tls_handshake_failures.labels(reason).inc()
+            log.info(
+                "TLS handshake failed (%s) from %s: %s",
+                reason,
+                self.session_facts.client_address if self.session_facts else "-",
+                err.__cause__,
+            )
+            raise
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         # Marks the connection busy while a hook waits on checks or the backend,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -189,3 +191,101 @@ async def test_smtps_backend_uses_implicit_tls(start_proxy, server_cert: tuple[s
         assert len(b.messages) == 1
     finally:
         await b.stop()
+
+
+def _handshake_failures(proxy: Any, reason: str) -> float:
+    sample = proxy.app.metrics.registry.get_sample_value
+    return float(sample("smtpproxy_tls_handshake_failures_total", {"reason": reason}) or 0.0)
+
+
+async def _after_starttls(proxy: Any) -> RawClient:
+    c = RawClient(proxy.host, proxy.port)
+    await c.connect()
+    await c.cmd("EHLO client.test")
+    assert (await c.cmd("STARTTLS")).code == 220
+    return c
+
+
+def _blocking_starttls(host: str, port: int, ctx: ssl.SSLContext) -> None:
+    with socket.create_connection((host, port), timeout=5) as sock:
+        stream = sock.makefile("rb")
+        for command in (b"", b"EHLO client.test\r\n", b"STARTTLS\r\n"):
+            sock.sendall(command)
+            while (line := stream.readline())[3:4] == b"-":
+                pass
+        assert line.startswith(b"220"), line
+        ctx.wrap_socket(sock, server_hostname="mx.test.example").close()
+
+
+async def _wait_counted(proxy: Any, reason: str) -> None:
+    for _ in range(100):  # bounded: the server notices the failure within milliseconds
+        if _handshake_failures(proxy, reason) == 1:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no handshake failure counted as {reason}")
+
+
+async def _still_serving(proxy: Any, backend: RecordingBackend) -> None:
+    async with RawClient(proxy.host, proxy.port) as c:
+        await c.connect()
+        await c.cmd("EHLO client.test")
+        assert (await c.send_message("s@sender.example", ["user@example.org"], make_message())).code == 250
+
+
+async def test_failed_handshakes_counted_by_reason(
+    backend: RecordingBackend, start_proxy, server_cert: tuple[str, str], ca: trustme.CA
+) -> None:
+    cert, key = server_cert
+    proxy = await start_proxy({"tls": {"cert": cert, "key": key, "min_version": "TLSv1.3"}})
+
+    # A client that stops at TLS 1.2 while we require 1.3.
+    c = await _after_starttls(proxy)
+    old = ssl.create_default_context()
+    ca.configure_trust(old)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert c.writer is not None
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.wait_for(c.writer.start_tls(old, server_hostname="mx.test.example"), 5)
+    await c.close()
+    await _wait_counted(proxy, "protocol_version")
+
+    # A client that does not trust our certificate (another CA): a blocking
+    # socket, as asyncio's TLS drops the connection without sending the alert.
+    distrusting = ssl.create_default_context()
+    trustme.CA().configure_trust(distrusting)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await asyncio.to_thread(_blocking_starttls, proxy.host, proxy.port, distrusting)
+    await _wait_counted(proxy, "certificate")
+
+    # A client that goes on in plain text after our 220.
+    c = await _after_starttls(proxy)
+    assert c.writer is not None
+    c.writer.write(b"EHLO client.test\r\n")
+    await c.writer.drain()
+    await _wait_counted(proxy, "not_tls")
+    await c.close()
+
+    # A client that leaves before its ClientHello.
+    c = await _after_starttls(proxy)
+    await c.close()
+    await _wait_counted(proxy, "closed")
+
+    await _still_serving(proxy, backend)
+    assert _handshake_failures(proxy, "other") == 0
+    internal = {"kind": "internal"}
+    assert not proxy.app.metrics.registry.get_sample_value("smtpproxy_protocol_errors_total", internal)
+    assert len(backend.messages) == 1
+
+
+def test_handshake_failure_reasons_for_other_errors() -> None:
+    from smtpproxy.tls import HANDSHAKE_FAILURE_REASONS, handshake_failure_reason
+
+    no_cipher = ssl.SSLError(1, "no shared cipher")
+    no_cipher.reason = "NO_SHARED_CIPHER"
+    assert handshake_failure_reason(no_cipher) == "no_shared_cipher"
+    assert handshake_failure_reason(TimeoutError()) == "timeout"
+    assert handshake_failure_reason(ssl.SSLEOFError(8, "EOF")) == "closed"
+    assert handshake_failure_reason(ValueError("odd")) == "other"
+    assert handshake_failure_reason(None) == "other"
+    words = {handshake_failure_reason(e) for e in (no_cipher, TimeoutError(), None, ConnectionResetError())}
+    assert words <= set(HANDSHAKE_FAILURE_REASONS)
