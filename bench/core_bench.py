@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -90,6 +91,7 @@ class Sink:
             shutil.which(tool("smtp-sink")) is not None and shutil.which(tool("smtp-source")) is not None
         )
         self._proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None  # smtp-sink's, for CPU accounting
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> Sink:
@@ -100,6 +102,7 @@ class Sink:
                 stderr=subprocess.DEVNULL,
             )
             wait_port(self.port)
+            self.pid = self._proc.pid
         else:
             self._server = await _builtin_sink(self.port)
         return self
@@ -203,7 +206,7 @@ async def main() -> None:
     ap.add_argument(
         "--compare-workers",
         action="store_true",
-        help="instead: throughput of workers: 2 / workers: 1 (20 sessions)",
+        help="instead: throughput of workers: 2 / workers: 1 (20 and 50 sessions)",
     )
     args = ap.parse_args()
     dns = DnsServer({})
@@ -223,7 +226,7 @@ async def main() -> None:
     }
     if args.compare_workers:
         try:
-            await compare_workers(config, args, use_postfix)
+            await compare_workers(config, args, sink)
         finally:
             sink.stop()
             dns.stop()
@@ -271,31 +274,97 @@ async def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-async def compare_workers(config: dict[str, object], args: argparse.Namespace, use_postfix: bool) -> None:
-    """workers: 2 versus workers: 1, interleaved rounds, 20 sessions."""
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and all its descendants, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return total
+
+
+def measured_load(
+    port: int, messages: int, sessions: int, sink: Sink, proxy_pid: int
+) -> tuple[float, float, float]:
+    """(msgs/s, proxy CPU ms per message, load generator + sink CPU ms per message)."""
+    sink_before = tree_cpu_seconds(sink.pid) if sink.pid else 0.0
+    proxy_before = tree_cpu_seconds(proxy_pid)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rate = smtp_source_load(port, messages, sessions)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    source = (children.ru_utime + children.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
+    sink_cpu = (tree_cpu_seconds(sink.pid) if sink.pid else 0.0) - sink_before
+    proxy_cpu = tree_cpu_seconds(proxy_pid) - proxy_before
+    return rate, proxy_cpu / messages * 1000, (source + sink_cpu) / messages * 1000
+
+
+async def compare_workers(config: dict[str, object], args: argparse.Namespace, sink: Sink) -> None:
+    """workers: 2 versus workers: 1, interleaved rounds, at 20 and 50 sessions.
+
+    With smtp-source, also the CPU each side used per message, and from it the
+    best ratio this machine allows: two cores shared by two workers and the
+    load generator and sink give at most 2 / (proxy + load CPU per message).
+    At 20 sessions the two workers are not kept busy all the time (the kernel
+    spreads connections unevenly over them); 50 sessions keep them saturated.
+    """
     procs = {
         n: ProxyProcess(Path(tempfile.mkdtemp(prefix=f"smtpproxy-w{n}-")), {**config, "workers": n}).start()
         for n in (1, 2)
     }
     await asyncio.sleep(2)  # let every worker bind
-    rates: dict[int, list[float]] = {1: [], 2: []}
+    results: dict[int, dict[str, object]] = {}
     try:
-        for _ in range(args.rounds):
-            for n, proc in procs.items():
-                if use_postfix:
-                    rates[n].append(await asyncio.to_thread(smtp_source_load, proc.port, args.messages, 20))
-                else:
-                    rates[n].append((await builtin_load(proc.port, args.messages, 20, BODY_2K))[0])
+        for sessions in (20, 50):
+            results[sessions] = await _compare_at(procs, sessions, args, sink)
+            print(json.dumps({sessions: results[sessions]}), flush=True)
     finally:
         for proc in procs.values():
             proc.stop()
+    print(json.dumps({"sessions": results}, indent=2))
+
+
+async def _compare_at(
+    procs: dict[int, ProxyProcess], sessions: int, args: argparse.Namespace, sink: Sink
+) -> dict[str, object]:
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    proxy_cpu: dict[int, list[float]] = {1: [], 2: []}
+    load_cpu: list[float] = []
+    for _ in range(args.rounds):
+        for n, proc in procs.items():
+            if sink.postfix:
+                assert proc.proc is not None
+                rate, pcpu, lcpu = await asyncio.to_thread(
+                    measured_load, proc.port, args.messages, sessions, sink, proc.proc.pid
+                )
+                rates[n].append(rate)
+                proxy_cpu[n].append(pcpu)
+                load_cpu.append(lcpu)
+            else:
+                rates[n].append((await builtin_load(proc.port, args.messages, sessions, BODY_2K))[0])
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
-    result = {
+    result: dict[str, object] = {
         "workers_1_msgs_per_s": round(one, 1),
         "workers_2_msgs_per_s": round(two, 1),
         "ratio": round(two / one, 3),
     }
-    print(json.dumps(result, indent=2))
+    if load_cpu:
+        p2, load = statistics.median(proxy_cpu[2]), statistics.median(load_cpu)
+        bound = 2 / ((p2 + load) / 1000) / one
+        result |= {
+            "proxy_cpu_ms_per_msg": {n: round(statistics.median(v), 3) for n, v in proxy_cpu.items()},
+            "load_and_sink_cpu_ms_per_msg": round(load, 3),
+            "cpu_bound_ratio": round(bound, 3),
+            "share_of_bound": round(two / one / bound, 3),
+        }
+    return result
 
 
 if __name__ == "__main__":
