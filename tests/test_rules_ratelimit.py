@@ -241,6 +241,30 @@ async def test_connect_refusal_is_421_and_closes(tmp_path: Path) -> None:
     assert verdict.reply == Reply(421, "4.7.0", "Rate limit per_ip exceeded, try again later")
 
 
+async def test_client_net_key_counts_a_whole_network(tmp_path: Path) -> None:
+    engine = engine_for(
+        tmp_path,
+        "- {name: per_net, stage: connect, then: {ratelimit: {key: client.net, rate: 1/hour, burst: 2}}}",
+    )
+    assert await engine.check.connect(new_session("192.0.2.10")) is None
+    assert await engine.check.connect(new_session("::ffff:192.0.2.200")) is None  # the same /24
+    assert isinstance(await engine.check.connect(new_session("192.0.2.77")), Verdict)
+    assert await engine.check.connect(new_session("198.51.100.1")) is None  # another network
+    assert await engine.check.connect(new_session("2001:db8:1:2::1")) is None
+    assert await engine.check.connect(new_session("2001:db8:1:2:ffff::9")) is None  # the same /64
+    assert isinstance(await engine.check.connect(new_session("2001:db8:1:2::77")), Verdict)
+    assert await engine.check.connect(new_session("2001:db8:1:3::1")) is None
+
+
+async def test_client_net_as_a_condition(tmp_path: Path) -> None:
+    engine = engine_for(
+        tmp_path,
+        "- {name: bad_net, stage: connect, if: {client.net: {equals: 203.0.113.0/24}}, then: reject}",
+    )
+    assert isinstance(await engine.check.connect(new_session("203.0.113.9")), Verdict)
+    assert await engine.check.connect(new_session("203.0.114.9")) is None
+
+
 async def test_rcpt_limit_refuses_only_that_recipient(tmp_path: Path) -> None:
     engine = engine_for(
         tmp_path,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smtpproxy.addresses import domain_of
+from smtpproxy.ratelimit.keys import client_ip, client_net
 from smtpproxy.rules import facts
 from smtpproxy.rules.mime import Attachment
 from smtpproxy.session import Recipient, Session, Transaction
@@ -162,6 +163,13 @@ def _size(ctx: EvalContext) -> tuple[float, ...]:
     return ()
 
 
+def _client_net(ctx: EvalContext) -> tuple[str, ...]:
+    # The rate-limit key kind client_net with its default prefixes: a botnet
+    # spread over one provider's /24 (or one IPv6 site's /64) counts as one.
+    ip = client_ip(ctx.session)
+    return (client_net(ip, 24 if ip.version == 4 else 64),)
+
+
 def _mail_from(ctx: EvalContext) -> tuple[str, ...]:
     return (ctx.txn.mail_from,) if ctx.txn is not None else ()
 
@@ -196,6 +204,7 @@ FIELDS: dict[str, FieldSpec] = {
     f.name: f
     for f in (
         _f("client.ip", IPK, C, lambda c: (c.session.client_ip,), "the client's IP address"),
+        _f("client.net", T, C, _client_net, "the client's network: IPv4 /24, IPv6 /64 (192.0.2.0/24)"),
         _f(
             "client.rdns",
             T,
