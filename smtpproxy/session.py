@@ -7,7 +7,7 @@ Decisions live in :mod:`smtpproxy.verdict`.
 from __future__ import annotations
 
 import ipaddress
-import secrets
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +16,14 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def new_id() -> str:
-    """A short random id for connections and transactions (log and header friendly)."""
-    return secrets.token_hex(6).upper()
+    """A short random id for connections and transactions (log and header friendly).
+
+    48 bits from the ``random`` generator, not ``secrets``: an id needs to be
+    unique, not unguessable, and a getrandom() system call per id cost about 2%
+    of the CPU per message. The generator is seeded from the OS at start and
+    reseeded in forked children, so workers do not repeat each other's ids.
+    """
+    return f"{random.getrandbits(48):012X}"
 
 
 @dataclass(frozen=True, slots=True)
