@@ -249,3 +249,28 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+
+        for metric in vars(self).values():
+            if isinstance(metric, Counter | Gauge | Histogram):
+                _memoize_labels(metric)
+
+
+def _memoize_labels(metric: Counter | Gauge | Histogram) -> None:
+    """Make ``metric.labels(...)`` a dictionary lookup after the first call per label set.
+
+    prometheus_client validates and locks on every ``labels()`` call (about a
+    microsecond; some sixteen calls per message). Label values come from small
+    closed sets, so the memo is as bounded as the metric's own series; nothing
+    here removes series, so a memoized child is never stale.
+    """
+    children: dict[object, object] = {}
+    unbound = metric.labels
+
+    def labels(*values: object, **named: object) -> object:
+        key: object = (values, tuple(named.items())) if named else values
+        child = children.get(key)
+        if child is None:
+            child = children[key] = unbound(*values, **named)
+        return child
+
+    metric.labels = labels  # type: ignore[method-assign, assignment]

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import smtpproxy
+from smtpproxy.metrics import Metrics
 from tests.backends import RecordingBackend
 from tests.dnsserver import DnsServer
 from tests.smtpclient import RawClient, make_message
@@ -380,3 +381,18 @@ async def test_series_count_does_not_grow_with_clients_and_senders(
     assert len(backend.messages) == MESSAGES
     grown = sorted(set(late) - early)
     assert not grown, f"{len(grown)} new series after the first messages, e.g. {grown[:5]}"
+
+
+def test_memoized_labels_reach_the_same_series() -> None:
+    m = Metrics(process=False)
+    hit = m.dns_cache.labels(result="hit")
+    assert m.dns_cache.labels(result="hit") is hit
+    assert m.dns_cache.labels("hit") is hit  # positional: another memo key, the same child
+    hit.inc()
+    m.dns_cache.labels("hit").inc()
+    m.dns_cache.labels(result="miss").inc()
+    sample = m.registry.get_sample_value
+    assert sample("smtpproxy_dns_cache_lookups_total", {"result": "hit"}) == 2
+    assert sample("smtpproxy_dns_cache_lookups_total", {"result": "miss"}) == 1
+    with pytest.raises(ValueError):
+        m.dns_cache.labels("a", "b")  # the library's own checks still apply to a new label set
