@@ -39,6 +39,8 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         ("backend: ftp://x\n", "backend: expected smtp://host:port"),
         ("listen: nonsense\n", "listen: expected host:port"),
         ("relay_domains: [a, [b]]\n", "relay_domains.1"),
+        ("relay_domains: ['a b']\n", "relay_domains: expected domain names, got 'a b'"),
+        ("dmarc: {trusted_arc_sealers: ['']}\n", "dmarc.trusted_arc_sealers: expected domain names"),
         ("listen: [unclosed\n", "invalid YAML"),
         ("tls: {cert: /x.pem}\n", "tls: cert and key must be set together"),
     ],

@@ -1,0 +1,137 @@
+"""The sections of the configuration about serving: limits, TLS, DNS, PROXY, backend, logs, rules."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from smtpproxy.addresses import parse_hostport
+from smtpproxy.config.base import PositiveFloat, PositiveInt, Section
+
+
+class LimitsConfig(Section):
+    """Per-message and per-connection limits of the inbound server."""
+
+    max_message_size: PositiveInt = 26_214_400
+    max_recipients: PositiveInt = 100
+    max_messages_per_connection: PositiveInt = 100
+    idle_timeout: PositiveFloat = 300.0
+    max_connections: PositiveInt = 1000
+    max_line_length: Annotated[int, Field(ge=1001, le=1_048_576)] = 8192
+    # What happens to the transaction after max_messages_per_connection:
+    # "disconnect" answers 421 4.7.0 and closes, "tempfail" answers 450 4.7.1.
+    messages_per_connection_action: Literal["disconnect", "tempfail"] = "disconnect"
+
+
+class TlsConfig(Section):
+    """Inbound TLS: STARTTLS is offered when both cert and key are set."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key must be set together")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when STARTTLS is offered."""
+        return self.cert is not None
+
+
+class DnsConfig(Section):
+    """The one resolver shared by every check."""
+
+    nameservers: list[str] | None = None  # None: the system's resolv.conf
+    timeout: PositiveFloat = 2.0
+    cache_size: PositiveInt = 10_000
+    reverse_lookup: bool = True
+
+    @field_validator("nameservers")
+    @classmethod
+    def _valid_nameservers(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            parse_hostport(item, default_port=53)
+        return value
+
+
+class ProxyProtocolConfig(Section):
+    """PROXY protocol (v1/v2), accepted only from trusted networks (HAProxy, a load balancer)."""
+
+    trusted_networks: list[str] = []
+    timeout: PositiveFloat = 5.0
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+
+class BackendOptions(Section):
+    """How to talk to the backend."""
+
+    connect_timeout: PositiveFloat = 10.0
+    command_timeout: PositiveFloat = 60.0
+    data_timeout: PositiveFloat = 300.0
+    tls_verify: bool = True
+    starttls: bool = True  # use STARTTLS when the backend offers it
+    pool_size: PositiveInt = 64  # most connections kept open at once
+    pool_idle_timeout: PositiveFloat = 30.0
+    forward_client: Literal["none", "xclient", "xforward"] = "none"
+    helo_name: str | None = None  # default: hostname
+
+
+class LogConfig(Section):
+    """Logging: one JSON (or text) line per transaction and connection."""
+
+    format: Literal["json", "text"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ScoresConfig(Section):
+    """Score thresholds of the rules (rspamd-style actions); null disables a threshold.
+
+    At ``add_header`` and above the message gets ``X-Spam-Flag: YES`` and
+    ``X-Spam-Score``; at ``reject`` it is refused with 550 5.7.1; ``tempfail``
+    answers 451 4.7.1; ``quarantine`` quarantines (to ``quarantine_to`` when set).
+    """
+
+    add_header: float | None = 5.0
+    quarantine: float | None = None
+    tempfail: float | None = None
+    reject: float | None = 15.0
+    quarantine_to: str | None = None  # maildir:PATH or smtp://host:port; None: deliver marked
+
+    @field_validator("quarantine_to")
+    @classmethod
+    def _valid_destination(cls, value: str | None) -> str | None:
+        if value is None or (value.startswith("maildir:") and len(value) > len("maildir:")):
+            return value
+        if value.startswith("smtp://"):
+            parse_hostport(value[len("smtp://") :].rstrip("/"))
+            return value
+        raise ValueError("expected maildir:PATH or smtp://host:port")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScoresConfig:
+        steps = [(k, getattr(self, k)) for k in ("add_header", "quarantine", "tempfail", "reject")]
+        present = [(k, v) for k, v in steps if v is not None]
+        for (k1, v1), (k2, v2) in itertools.pairwise(present):
+            if v1 > v2:
+                raise ValueError(f"expected {k1} ({v1}) <= {k2} ({v2})")
+        return self
+
+
+class RulesOptionsConfig(Section):
+    """How the rules folder is watched for changes (SIGHUP reloads too)."""
+
+    reload_interval: Annotated[float, Field(ge=0)] = 5.0  # seconds between mtime polls; 0 disables
