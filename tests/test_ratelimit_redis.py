@@ -346,3 +346,20 @@ async def test_no_stale_reply_after_a_timed_out_call(redis_server: RedisServer) 
         raise AssertionError("the store did not come back")
     assert answer[0] > 0  # its own (refused) answer, not the stale allowed one
     await store.close()
+
+
+async def test_connection_closed_by_redis_while_idle_is_replaced(tmp_path: Path) -> None:
+    # Redis' `timeout` closes idle clients: the next call must not fail (and
+    # with ratelimit_fail: closed refuse mail) just because the store's own
+    # connection went stale while the site was quiet.
+    server = RedisServer(tmp_path, extra={"timeout": "1"})
+    server.start()
+    store = RedisStore(server.url, timeout=1.0)
+    try:
+        assert await store.apply([RateEntry("idle:k", 3600.0, 2)]) == [0.0]
+        await asyncio.sleep(2.5)  # Redis checks idle clients about once a second
+        assert await store.apply([RateEntry("idle:k", 3600.0, 2)]) == [0.0]
+        assert (await store.apply([RateEntry("idle:k", 3600.0, 2)]))[0] > 0
+    finally:
+        await store.close()
+        server.stop()

@@ -283,6 +283,17 @@ class RedisStore:
     async def _eval(self, keys: list[str], args: list[str]) -> Any:
         if self._cluster:
             return await self._script(keys=keys, args=args)
+        reused = self._conn is not None and self._conn.is_connected
+        try:
+            return await self._eval_on_own_connection(keys, args)
+        except (redis.exceptions.ConnectionError, OSError):
+            if not reused:
+                raise
+        # The connection had been idle and Redis (its ``timeout``, a proxy, a
+        # restart) closed it meanwhile: one more try on a fresh connection.
+        return await self._eval_on_own_connection(keys, args)
+
+    async def _eval_on_own_connection(self, keys: list[str], args: list[str]) -> Any:
         conn = self._conn
         if conn is None:
             pool = self._redis.connection_pool
