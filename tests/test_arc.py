@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from smtpproxy.auth.arc import ArcVerifier
+from smtpproxy.auth.arc import Arc, ArcVerifier
+from smtpproxy.auth.dkimkey import KeyCache
 from smtpproxy.dns import Resolver
 from tests.dkimkeys import KeyPair, arc_seal, message, rsa_key, sign
 from tests.dnsserver import DnsServer
@@ -124,3 +130,89 @@ async def test_garbage_arc_fields_fail_without_raising(verifier: ArcVerifier, fi
     r = await verifier.verify(fields + message())
     assert r.result == "fail"
     assert all(32 <= ord(c) < 127 for c in r.reason)
+
+
+# -- our signature checks against dkimpy's, on tampered chains ------------------
+
+
+@functools.cache
+def _differential_chain() -> tuple[bytes, dict[bytes, bytes]]:
+    """A two-hop chain over a signed message, and the key records by DNS name."""
+    strong, other = rsa_key(1024), rsa_key(1024)
+    records = {
+        b"sel._domainkey.example.org.": strong.txt.encode(),
+        b"arc._domainkey.forwarder.example.": strong.txt.encode(),
+        b"arc._domainkey.list.example.": other.txt.encode(),
+    }
+    one = hop(
+        sign(message(body="Hi Bob,\r\n\r\nsome  text\t here \r\n\r\n"), strong),
+        strong,
+        "forwarder.example",
+        "dkim=pass",
+    )
+    return hop(one, other, "list.example", "arc=pass"), records
+
+
+def _outcome(arc: Any, dnsfunc: Any) -> tuple[Any, ...]:
+    try:
+        cv, results, reason = arc.verify(dnsfunc=dnsfunc)
+    except Exception as err:  # compared, whatever it is
+        return ("raised", type(err).__name__)
+    fields = ("instance", "ams-valid", "as-valid", "cv")
+    return cv, reason, [tuple(r.get(f) for f in fields) for r in results]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    where=st.floats(min_value=0, max_value=1, exclude_max=True),
+    action=st.sampled_from(["replace", "delete", "insert_space", "drop_line", "no_key", "swap_key"]),
+    byte=st.sampled_from(b"aZ0 \t:;=/+"),
+)
+def test_signature_checks_agree_with_dkimpy(where: float, action: str, byte: int) -> None:
+    chain, records = _differential_chain()
+    records = dict(records)
+    data = bytearray(chain)
+    pos = int(where * len(data))
+    if action == "replace":
+        data[pos] = byte
+    elif action == "delete":
+        del data[pos]
+    elif action == "insert_space":
+        data[pos:pos] = b" "
+    elif action == "drop_line":
+        start = data.rfind(b"\r\n", 0, pos) + 2 if data.rfind(b"\r\n", 0, pos) >= 0 else 0
+        end = data.find(b"\r\n", pos)
+        del data[start : end + 2 if end >= 0 else len(data)]
+    elif action == "no_key":
+        del records[sorted(records)[int(where * len(records))]]
+    else:
+        names = sorted(records)
+        records[names[0]], records[names[-1]] = records[names[-1]], records[names[0]]
+    message_bytes = bytes(data)
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
+        return records.get(name.lower(), b"")
+
+    try:
+        theirs = dkim.ARC(message_bytes, minkey=1024)
+    except Exception:  # unparseable: nothing to compare
+        return
+    ours = Arc(message_bytes, KeyCache(), minkey=1024)
+    assert _outcome(ours, dnsfunc) == _outcome(theirs, dnsfunc)
+
+
+def test_the_differential_chain_passes_untampered() -> None:
+    chain, records = _differential_chain()
+    outcome = _outcome(Arc(chain, KeyCache(), minkey=1024), lambda name, timeout=5: records.get(name, b""))
+    assert outcome[0] == dkim.CV_Pass
+
+
+def test_keys_below_the_minimum_fail_as_in_dkimpy() -> None:
+    chain, records = _differential_chain()  # sealed with 1024-bit keys
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
+        return records.get(name, b"")
+
+    ours = _outcome(Arc(chain, KeyCache(), minkey=2048), dnsfunc)
+    assert ours == _outcome(dkim.ARC(chain, minkey=2048), dnsfunc)
+    assert ours[0] == dkim.CV_Fail

@@ -143,6 +143,24 @@ def verify_signature(
     Raises dkimpy's ``ValidationError`` (body hash mismatch, s=tlsrpt key),
     ``MessageFormatError`` (bad c=) and ``UnknownKeyTypeError`` as dkimpy would.
     """
+    include = [h.lower() for h in _H_SEPARATOR.split(tags[b"h"])]
+    sig_header = [h for h in headers if h[0].lower() == b"dkim-signature"][index]
+    return verify_signed_fields(headers, body, tags, include, sig_header, key)
+
+
+def verify_signed_fields(
+    headers: Sequence[Header],
+    body: Body,
+    tags: Mapping[bytes, bytes],
+    include: list[bytes],
+    sig_header: Header,
+    key: DkimKey,
+) -> bool:
+    """dkimpy's ``verify_sig_process``: the signature field ``sig_header`` (tags ``tags``)
+    over the fields named in ``include`` (lower-case) and the body, checked with ``key``.
+
+    Shared by DKIM-Signature and by ARC's ARC-Message-Signature and ARC-Seal.
+    """
     if key.tlsrpt:
         raise dkim.ValidationError("Message is not tlsrpt and Service Type is tlsrpt")
     header_algo, body_algo = canonicalization(tags)
@@ -156,10 +174,9 @@ def verify_signature(
             raise dkim.ValidationError(
                 f"body hash mismatch (got {base64.b64encode(body_hash)!r}, expected {tags[b'bh']!r})"
             )
-    include = [h.lower() for h in _H_SEPARATOR.split(tags[b"h"])]
     if b"from" in include:
-        include.append(b"from")  # dkimpy's fix for extra From fields (Launchpad #644046)
-    sig_name, sig_value = [h for h in headers if h[0].lower() == b"dkim-signature"][index]
+        include = [*include, b"from"]  # dkimpy's fix for extra From fields (Launchpad #644046)
+    sig_name, sig_value = sig_header
     unsigned_sig = (sig_name, _BTAG.sub(b"\\1", sig_value))
     fields = _select(headers, include)
     if header_algo == b"relaxed":
