@@ -1,8 +1,9 @@
 """The Redis store: limits shared exactly by every worker and every proxy instance.
 
-Every stage is one round trip: one ``EVALSHA`` of the Lua script below with the
-keys of all the stage's limits (and, batched in the same call, those of other
-sessions asking in the same event-loop turn). The script reads Redis' own clock
+Every stage is at most one round trip: one ``EVALSHA`` of the Lua script below
+with the keys of all the stage's limits, and of whatever other sessions asked
+while the previous call was in flight (group commit, see ``RedisStore``). The
+script reads Redis' own clock
 (``redis.call('TIME')``) so machines with drifting clocks agree, checks every
 entry, and writes them only when all allow — atomically, as Redis runs a script
 alone. Keys carry a ``PEXPIRE`` for when they hold nothing any more (GCRA: the
@@ -23,9 +24,10 @@ URLs (``ratelimit_store``):
   stays one atomic call; all rate-limit keys thus live on one shard (one shard
   answers far more than a mail system's connection rate).
 
-The client reconnects by itself: a failed connection is dropped from the pool
-and the next call dials again; after a Redis restart the script is loaded again
-on ``NOSCRIPT``. Every call is bounded by ``timeout``.
+The store reconnects by itself: a failed connection is dropped and the next
+call dials again (a connection Redis closed while it sat idle is replaced and
+the call retried at once); after a Redis restart the script is loaded again on
+``NOSCRIPT``. Every call is bounded by ``timeout``.
 """
 
 from __future__ import annotations
