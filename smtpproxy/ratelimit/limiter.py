@@ -110,9 +110,9 @@ class RateLimiter:
             )
             for stage, limits in self._by_stage.items()
         }
-        # The memory store answers synchronously: called directly, without the failure path.
         # With the (random) session id, makes slot tokens unique across processes.
         self._instance = secrets.token_hex(6)
+        # The memory store answers synchronously: called directly, without the failure path.
         self._local = store.apply_at if isinstance(store, MemoryStore) else None
         self._down_until = 0.0
         self._down_kind = ""
