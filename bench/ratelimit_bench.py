@@ -10,7 +10,9 @@
           store and on Redis (loopback), sequential and 50 concurrent sessions.
 --proxy   the running proxy (one process) behind smtp-source -> proxy -> smtp-sink
           (built-in load/sink when Postfix tools are missing): messages/s with
-          no limits, five limits on memory, five limits on Redis; ratios to no limits.
+          no limits, five limits on memory, five limits on Redis; ratios to no limits,
+          of throughput and of the proxy's CPU per message, medians over rounds that
+          each start fresh proxy processes.
 With no option, all three run. Rates are set high so nothing is refused: this
 measures the cost of checking, not of refusing. Redis is a real redis-server
 started here on a free loopback port.
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from core_bench import BODY_2K, Sink, builtin_load, smtp_source_load  # noqa: E402
+from core_bench import BODY_2K, Sink, builtin_load, smtp_source_load, tree_cpu_seconds  # noqa: E402
 
 from smtpproxy.config import build_config  # noqa: E402
 from smtpproxy.metrics import Metrics  # noqa: E402
@@ -131,30 +133,48 @@ async def proxy(redis_url: str, messages: int, sessions: int, rounds: int) -> di
         "memory": {**base, "ratelimits": FIVE_LIMITS},
         "redis": {**base, "ratelimits": FIVE_LIMITS, "ratelimit_store": redis_url},
     }
-    procs = {}
-    for name, cfg in variants.items():
-        folder = Path(tempfile.mkdtemp(prefix=f"rl-bench-{name}-"))
-        procs[name] = ProxyProcess(folder, cfg).start()
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     try:
-        for _ in range(rounds):  # interleaved, so drift hits every variant alike
-            for name, p in procs.items():
-                if use_postfix:
-                    rate = await asyncio.to_thread(smtp_source_load, p.port, messages, sessions)
-                else:
-                    rate = (await builtin_load(p.port, messages, sessions, BODY_2K))[0]
-                rates[name].append(rate)
+        for _ in range(rounds):
+            # Fresh processes every round: one process's luck (hash seed, memory
+            # layout) moves its CPU per message by several percent, so each
+            # round is an independent sample; variants interleave, so drift on
+            # the machine hits them alike.
+            for name, cfg in variants.items():
+                folder = Path(tempfile.mkdtemp(prefix=f"rl-bench-{name}-"))
+                p = ProxyProcess(folder, cfg).start()
+                try:
+                    assert p.proc is not None
+                    warm = min(messages // 10, 200)
+                    if use_postfix:
+                        await asyncio.to_thread(smtp_source_load, p.port, warm, sessions)
+                    else:
+                        await builtin_load(p.port, warm, sessions, BODY_2K)
+                    before = tree_cpu_seconds(p.proc.pid)
+                    if use_postfix:
+                        rate = await asyncio.to_thread(smtp_source_load, p.port, messages, sessions)
+                    else:
+                        rate = (await builtin_load(p.port, messages, sessions, BODY_2K))[0]
+                    rates[name].append(rate)
+                    cpu[name].append((tree_cpu_seconds(p.proc.pid) - before) / messages * 1e6)
+                finally:
+                    p.stop()
     finally:
-        for p in procs.values():
-            p.stop()
         sink.stop()
     med = {name: statistics.median(r) for name, r in rates.items()}
+    us = {name: statistics.median(c) for name, c in cpu.items()}
+    # Throughput moves with whatever else the two cores run; the proxy's own CPU
+    # per message much less: both ratios are reported.
     return {
         "load": "smtp-source" if use_postfix else "builtin",
         "sessions": sessions,
         "msgs_per_s": {k: round(v, 1) for k, v in med.items()},
         "ratio_memory": round(med["memory"] / med["none"], 3),
         "ratio_redis": round(med["redis"] / med["none"], 3),
+        "proxy_cpu_us_per_msg": {k: round(v) for k, v in us.items()},
+        "cpu_ratio_memory": round(us["none"] / us["memory"], 3),
+        "cpu_ratio_redis": round(us["none"] / us["redis"], 3),
         "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
     }
 
