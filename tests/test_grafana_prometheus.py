@@ -503,3 +503,65 @@ async def test_every_expression_evaluates_against_a_real_prometheus(
         assert "SmtpproxyTargetDown" not in firing and "SmtpproxyBackendUnreachable" not in firing
     finally:
         prom.stop()
+
+
+@needs_promtool
+def test_tls_handshake_alert_fires_on_certificate_failures_only(tmp_path: Path) -> None:
+    # promtool's own rule unit tests: synthetic series, 30 minutes of evaluation.
+    assert PROMTOOL is not None
+    labels = 'job="smtpproxy", instance="mx1:9125"'
+    rule = next(r for r in alert_rules() if r["alert"] == "SmtpproxyTlsHandshakesFailing")
+    runbook = rule["annotations"]["runbook"]
+    cases = {
+        # Half the handshakes fail on our certificate: the alert fires.
+        "certificate": ("certificate", [{"alertname": "SmtpproxyTlsHandshakesFailing"}]),
+        # Clients that vanish mid-handshake are noise, not our problem: silent.
+        "closed": ("closed", []),
+    }
+    for name, (reason, expected) in cases.items():
+        spec = {
+            "rule_files": [str(ALERTS)],
+            "evaluation_interval": "1m",
+            "tests": [
+                {
+                    "interval": "1m",
+                    "input_series": [
+                        {
+                            "series": f'smtpproxy_tls_handshake_failures_total{{{labels}, reason="{reason}"}}',
+                            "values": "0+60x40",
+                        },
+                        {
+                            "series": f'smtpproxy_connections_total{{{labels}, tls="tls"}}',
+                            "values": "0+60x40",
+                        },
+                    ],
+                    "alert_rule_test": [
+                        {
+                            "eval_time": "35m",
+                            "alertname": "SmtpproxyTlsHandshakesFailing",
+                            "exp_alerts": [
+                                {
+                                    "exp_labels": {
+                                        "job": "smtpproxy",
+                                        "instance": "mx1:9125",
+                                        "severity": "warning",
+                                    },
+                                    "exp_annotations": {
+                                        "summary": "smtpproxy mx1:9125: 50% of STARTTLS handshakes fail",
+                                        "runbook": runbook,
+                                    },
+                                }
+                            ]
+                            if expected
+                            else [],
+                        }
+                    ],
+                }
+            ],
+        }
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(spec))
+        done = subprocess.run(
+            [PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, name + ": " + done.stdout + done.stderr
