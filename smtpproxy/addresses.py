@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import NamedTuple
 
 
@@ -52,3 +53,10 @@ def parse_hostport(value: str, *, default_port: int | None = None) -> HostPort:
 def domain_of(address: str) -> str:
     """The lower-cased domain of a mail address; empty when there is none."""
     return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
+
+
+def ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """``str(ip)``; IPv4 (most clients) formatted in C, several times faster."""
+    if ip.version == 4:
+        return socket.inet_ntop(socket.AF_INET, ip.packed)
+    return str(ip)

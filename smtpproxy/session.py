@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from smtpproxy.addresses import ip_text
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -70,11 +72,19 @@ class Session:
     rejected_recipients: int = 0
     invalid_commands: int = 0
     extras: dict[str, Any] = field(default_factory=dict)  # per-check connection state
+    _address: tuple[IPAddress, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def client_address(self) -> str:
-        """The client IP as text (IPv6 without brackets)."""
-        return str(self.client_ip)
+        """The client IP as text (IPv6 without brackets).
+
+        Asked by logs, headers and checks several times per message: formatted
+        once per address (a PROXY header may replace the address after connect).
+        """
+        cached = self._address
+        if cached is None or cached[0] is not self.client_ip:
+            cached = self._address = (self.client_ip, ip_text(self.client_ip))
+        return cached[1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from smtpproxy.addresses import ip_text
 from smtpproxy.session import IPAddress, Recipient, Session, Transaction
 
 STAGE_ORDER = ("connect", "helo", "mail", "rcpt", "data")
@@ -80,13 +80,6 @@ def client_ip(session: Session) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
-
-
-def ip_text(ip: IPAddress) -> str:
-    """``str(ip)``; IPv4 (most clients) formatted in C, several times faster."""
-    if ip.version == 4:
-        return socket.inet_ntop(socket.AF_INET, ip.packed)
-    return str(ip)
 
 
 def client_net(ip: IPAddress, prefix: int) -> str:
