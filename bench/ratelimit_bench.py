@@ -44,6 +44,7 @@ from smtpproxy.ratelimit.check import RateLimitCheck, build_ratelimit_checks  # 
 from smtpproxy.ratelimit.memory import MemoryStore  # noqa: E402
 from smtpproxy.ratelimit.store import RateEntry  # noqa: E402
 from smtpproxy.session import Recipient, Session, Transaction  # noqa: E402
+from tests.dnsserver import DnsServer  # noqa: E402
 from tests.procs import ProxyProcess  # noqa: E402
 from tests.redisserver import RedisServer  # noqa: E402
 
@@ -121,10 +122,12 @@ async def micro(redis_url: str, messages: int) -> dict[str, Any]:
 async def proxy(redis_url: str, messages: int, sessions: int, rounds: int) -> dict[str, Any]:
     sink = await Sink().start()
     use_postfix, sink_port = sink.postfix, sink.port
+    dns = DnsServer({})  # loopback only: SPF and DMARC get quick NXDOMAIN answers
+    dns.start()
     base: dict[str, Any] = {
         "backend": f"smtp://127.0.0.1:{sink_port}",
         "relay_domains": ["example.org"],
-        "dns": {"reverse_lookup": False},
+        "dns": {"reverse_lookup": False, "nameservers": [dns.address]},
         "log": {"level": "warning"},
         "limits": {"max_connections": 5000},
     }
@@ -162,6 +165,7 @@ async def proxy(redis_url: str, messages: int, sessions: int, rounds: int) -> di
                     p.stop()
     finally:
         sink.stop()
+        dns.stop()
     med = {name: statistics.median(r) for name, r in rates.items()}
     us = {name: statistics.median(c) for name, c in cpu.items()}
     # Throughput moves with whatever else the two cores run; the proxy's own CPU
