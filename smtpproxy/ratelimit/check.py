@@ -8,6 +8,8 @@ its ``limiter`` is what the rules engine calls (``limiter.hit``), and
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Coroutine
+from typing import Any
 
 from smtpproxy.config import Config, RateLimitConfig
 from smtpproxy.metrics import Metrics
@@ -17,7 +19,8 @@ from smtpproxy.ratelimit.memory import MemoryStore
 from smtpproxy.ratelimit.redis_store import RedisStore
 from smtpproxy.ratelimit.store import Store
 from smtpproxy.session import Recipient, Session, Transaction
-from smtpproxy.stages import Check, CheckOutcome, Stage
+from smtpproxy.stages import Check, Stage
+from smtpproxy.verdict import Verdict
 
 
 class RateLimitCheck(Check):
@@ -37,29 +40,34 @@ class RateLimitCheck(Check):
         """Only the stages that have limits (or hold concurrency slots): no cost elsewhere."""
         return stage in self._stages
 
-    async def connect(self, session: Session) -> CheckOutcome:
+    # The stage methods hand back the limiter's coroutine rather than awaiting
+    # it in one of their own: a frame less at every stage of every message.
+
+    def connect(self, session: Session) -> Coroutine[Any, Any, Verdict | None]:
         """Connection rates and concurrency: 421 4.7.0 and close when exceeded."""
-        return await self.limiter.check(Stage.CONNECT, session)
+        return self.limiter.check(Stage.CONNECT, session)
 
-    async def helo(self, session: Session) -> CheckOutcome:
+    def helo(self, session: Session) -> Coroutine[Any, Any, Verdict | None]:
         """Limits keyed on HELO: 421 4.7.0 and close when exceeded."""
-        return await self.limiter.check(Stage.HELO, session)
+        return self.limiter.check(Stage.HELO, session)
 
-    async def mail(self, session: Session, txn: Transaction) -> CheckOutcome:
+    def mail(self, session: Session, txn: Transaction) -> Coroutine[Any, Any, Verdict | None]:
         """Per-transaction limits: 450 4.7.1 when exceeded."""
-        return await self.limiter.check(Stage.MAIL, session, txn)
+        return self.limiter.check(Stage.MAIL, session, txn)
 
-    async def rcpt(self, session: Session, txn: Transaction, rcpt: Recipient) -> CheckOutcome:
+    def rcpt(
+        self, session: Session, txn: Transaction, rcpt: Recipient
+    ) -> Coroutine[Any, Any, Verdict | None]:
         """Per-recipient limits: 450 4.7.1 when exceeded."""
-        return await self.limiter.check(Stage.RCPT, session, txn, rcpt)
+        return self.limiter.check(Stage.RCPT, session, txn, rcpt)
 
-    async def data(self, session: Session, txn: Transaction) -> CheckOutcome:
+    def data(self, session: Session, txn: Transaction) -> Coroutine[Any, Any, Verdict | None]:
         """Per-message limits at end of DATA: 450 4.7.1 when exceeded."""
-        return await self.limiter.check(Stage.DATA, session, txn)
+        return self.limiter.check(Stage.DATA, session, txn)
 
-    async def disconnect(self, session: Session) -> None:
+    def disconnect(self, session: Session) -> Coroutine[Any, Any, None]:
         """Give back the connection's concurrency slots."""
-        await self.limiter.release(session)
+        return self.limiter.release(session)
 
     async def close(self) -> None:
         """Close the store (Redis connections)."""

@@ -172,7 +172,7 @@ class RateLimiter:
             exempt = extras.get(_EXEMPT)
             if exempt is None:
                 # The client's address does not change within a connection.
-                exempt = extras[_EXEMPT] = self._exempt(self.exempt, session)
+                exempt = extras[_EXEMPT] = bool(self.exempt) and self._exempt(self.exempt, session)
             if exempt:
                 plan = ()
         for lim, key_of, interval in plan:
