@@ -6,9 +6,11 @@ import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from smtpproxy.config import ConfigError, build_config
-from smtpproxy.ratelimit.keys import KeySpec, build_key, earliest_stage, key_problem
+from smtpproxy.ratelimit.keys import KeySpec, build_key, client_net, earliest_stage, key_problem
 from smtpproxy.session import Recipient, Session, Transaction
 
 SPEC_EXAMPLE: list[dict[str, Any]] = [
@@ -165,3 +167,12 @@ def test_client_net_matches_ipaddress(ip: str, prefix: int) -> None:
 
     addr = ipaddress.ip_address(ip)
     assert client_net(addr, prefix) == str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1), st.booleans())
+def test_client_network_from_the_address_text_equals_the_arithmetic(n: int, mapped: bool) -> None:
+    ip4 = ipaddress.IPv4Address(n)
+    ip = ipaddress.IPv6Address(f"::ffff:{ip4}") if mapped else ip4
+    s = Session("S", ip, 1, "127.0.0.1", 25)
+    assert build_key("l", KeySpec(("client_net",)), s) == f"l:{client_net(ip4, 24)}"
+    assert build_key("l", KeySpec(("client_ip",)), s) == f"l:{ip4}"

@@ -95,13 +95,20 @@ def _connection_value(kind: str, spec: KeySpec, session: Session) -> str:
     ck = (kind, spec.ipv4_prefix, spec.ipv6_prefix)
     value = cache.get(ck)
     if value is None:
-        ip = client_ip(session)
-        if kind == "client_ip":
-            value = ip_text(ip)
-        else:
-            value = client_net(ip, spec.ipv4_prefix if ip.version == 4 else spec.ipv6_prefix)
-        cache[ck] = value
+        value = cache[ck] = _client_value(kind, spec, session)
     return value
+
+
+def _client_value(kind: str, spec: KeySpec, session: Session) -> str:
+    ip = session.client_ip
+    # The session's own text of the address (formatted once) unless IPv4-mapped.
+    mapped = isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None
+    if kind == "client_ip":
+        return ip_text(client_ip(session)) if mapped else session.client_address
+    if ip.version == 4 and spec.ipv4_prefix == 24 and not mapped:
+        return session.client_address.rpartition(".")[0] + ".0/24"  # the default, from the text
+    ip = client_ip(session)
+    return client_net(ip, spec.ipv4_prefix if ip.version == 4 else spec.ipv6_prefix)
 
 
 def _value(

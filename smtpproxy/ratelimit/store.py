@@ -34,7 +34,7 @@ class StoreError(Exception):
         super().__init__(message)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RateEntry:
     """A GCRA step on ``key``: emission ``interval`` seconds, ``burst``, ``cost`` units."""
 
@@ -44,7 +44,7 @@ class RateEntry:
     cost: int = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SlotAcquire:
     """Take a concurrency slot of ``key`` (at most ``limit`` held) for connection ``token``."""
 
@@ -54,7 +54,7 @@ class SlotAcquire:
     ttl: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SlotRefresh:
     """Extend the expiry of the slot ``token`` holds on ``key``."""
 
@@ -63,6 +63,8 @@ class SlotRefresh:
     ttl: float
 
 
+# Not frozen: entries are built for one store call and never changed, and a
+# frozen dataclass's __init__ costs three times as much (several per message).
 Entry = RateEntry | SlotAcquire | SlotRefresh
 
 
