@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smtpproxy.app import App
 from smtpproxy.config import build_config
+from smtpproxy.dns import Resolver
 from tests.backends import RecordingBackend
 from tests.dnsserver import DnsServer
 
@@ -35,6 +36,14 @@ def dns_server() -> Iterator[DnsServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def resolver(dns: DnsServer) -> AsyncIterator[Resolver]:
+    """A resolver on the test module's own ``dns`` server fixture (its zone data)."""
+    r = Resolver([dns.address], timeout=0.5)
+    yield r
+    await r.close()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -52,13 +52,6 @@ def dns(key: KeyPair) -> Iterator[DnsServer]:
     }
     with DnsServer(zone) as srv:
         yield srv
-
-
-@pytest.fixture
-async def resolver(dns: DnsServer) -> AsyncIterator[Resolver]:
-    r = Resolver([dns.address], timeout=0.5)
-    yield r
-    await r.close()
 
 
 class Harness:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import email.utils
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import example, given, settings
@@ -190,13 +190,6 @@ ZONE: dict[str, list[tuple[str, object]] | str] = {
 def dns() -> Iterator[DnsServer]:
     with DnsServer(dict(ZONE)) as srv:
         yield srv
-
-
-@pytest.fixture
-async def resolver(dns: DnsServer) -> AsyncIterator[Resolver]:
-    r = Resolver([dns.address], timeout=0.5)
-    yield r
-    await r.close()
 
 
 @pytest.fixture
