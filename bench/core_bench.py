@@ -184,6 +184,13 @@ def smtp_source_load(port: int, messages: int, sessions: int) -> float:
     return messages / (time.perf_counter() - started)
 
 
+async def throughput(port: int, messages: int, sessions: int, use_postfix: bool) -> float:
+    """Messages/s of one load run: smtp-source when Postfix is there, else the built-in load."""
+    if use_postfix:
+        return await asyncio.to_thread(smtp_source_load, port, messages, sessions)
+    return (await builtin_load(port, messages, sessions, BODY_2K))[0]
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
@@ -238,14 +245,8 @@ async def main() -> None:
         for sessions in [int(s) for s in args.sessions.split(",")]:
             direct, via, p50d, p99d, p50p, p99p = [], [], [], [], [], []
             for _ in range(args.rounds):
-                if use_postfix:
-                    direct.append(
-                        await asyncio.to_thread(smtp_source_load, sink_port, args.messages, sessions)
-                    )
-                    via.append(await asyncio.to_thread(smtp_source_load, proxy.port, args.messages, sessions))
-                else:
-                    direct.append((await builtin_load(sink_port, args.messages, sessions, BODY_2K))[0])
-                    via.append((await builtin_load(proxy.port, args.messages, sessions, BODY_2K))[0])
+                direct.append(await throughput(sink_port, args.messages, sessions, use_postfix))
+                via.append(await throughput(proxy.port, args.messages, sessions, use_postfix))
                 n = min(args.messages, 400)
                 _, lat_d = await builtin_load(sink_port, n, sessions, BODY_2K)
                 _, lat_p = await builtin_load(proxy.port, n, sessions, BODY_2K)
@@ -348,7 +349,7 @@ async def _compare_at(
                 proxy_cpu[n].append(pcpu)
                 load_cpu.append(lcpu)
             else:
-                rates[n].append((await builtin_load(proc.port, args.messages, sessions, BODY_2K))[0])
+                rates[n].append(await throughput(proc.port, args.messages, sessions, False))
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
     result: dict[str, object] = {
         "workers_1_msgs_per_s": round(one, 1),

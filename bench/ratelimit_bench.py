@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from core_bench import BODY_2K, Sink, builtin_load, smtp_source_load, tree_cpu_seconds  # noqa: E402
+from core_bench import Sink, throughput, tree_cpu_seconds  # noqa: E402
 
 from smtpproxy.config import build_config  # noqa: E402
 from smtpproxy.metrics import Metrics  # noqa: E402
@@ -149,17 +149,9 @@ async def proxy(redis_url: str, messages: int, sessions: int, rounds: int) -> di
                 p = ProxyProcess(folder, cfg).start()
                 try:
                     assert p.proc is not None
-                    warm = min(messages // 10, 200)
-                    if use_postfix:
-                        await asyncio.to_thread(smtp_source_load, p.port, warm, sessions)
-                    else:
-                        await builtin_load(p.port, warm, sessions, BODY_2K)
+                    await throughput(p.port, min(messages // 10, 200), sessions, use_postfix)  # warm
                     before = tree_cpu_seconds(p.proc.pid)
-                    if use_postfix:
-                        rate = await asyncio.to_thread(smtp_source_load, p.port, messages, sessions)
-                    else:
-                        rate = (await builtin_load(p.port, messages, sessions, BODY_2K))[0]
-                    rates[name].append(rate)
+                    rates[name].append(await throughput(p.port, messages, sessions, use_postfix))
                     cpu[name].append((tree_cpu_seconds(p.proc.pid) - before) / messages * 1e6)
                 finally:
                     p.stop()
