@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -86,7 +87,9 @@ def client_net(ip: IPAddress, prefix: int) -> str:
     """``ip`` masked to ``prefix`` bits, as a network in CIDR form (``192.0.2.0/24``)."""
     bits = ip.max_prefixlen
     masked = int(ip) & (((1 << prefix) - 1) << (bits - prefix))
-    return f"{ip_text(type(ip)(masked))}/{prefix}"
+    if bits == 32:  # most clients: formatted in C, no address object
+        return f"{socket.inet_ntop(socket.AF_INET, masked.to_bytes(4, 'big'))}/{prefix}"
+    return f"{ipaddress.IPv6Address(masked)}/{prefix}"
 
 
 def _connection_value(kind: str, spec: KeySpec, session: Session) -> str:
@@ -100,14 +103,10 @@ def _connection_value(kind: str, spec: KeySpec, session: Session) -> str:
 
 
 def _client_value(kind: str, spec: KeySpec, session: Session) -> str:
-    ip = session.client_ip
-    # The session's own text of the address (formatted once) unless IPv4-mapped.
-    mapped = isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None
-    if kind == "client_ip":
-        return ip_text(client_ip(session)) if mapped else session.client_address
-    if ip.version == 4 and spec.ipv4_prefix == 24 and not mapped:
-        return session.client_address.rpartition(".")[0] + ".0/24"  # the default, from the text
     ip = client_ip(session)
+    if kind == "client_ip":
+        # The session's own text of the address (formatted once) unless IPv4-mapped.
+        return session.client_address if ip is session.client_ip else ip_text(ip)
     return client_net(ip, spec.ipv4_prefix if ip.version == 4 else spec.ipv6_prefix)
 
 
