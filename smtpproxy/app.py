@@ -106,7 +106,10 @@ class App:
         other work; rules run last (``after`` makes them wait for DMARC).
         """
         checks: list[Check] = [*build_ratelimit_checks(self.config, self.metrics, self.limiter)]
-        checks += [RelayCheck(self.config.relay_domains), LimitsCheck(self.config.limits)]
+        checks += [
+            RelayCheck(self.config.relay_domains, self.config.relay_networks),
+            LimitsCheck(self.config.limits),
+        ]
         checks += build_auth_checks(self.config, self.resolver, self.metrics)
         checks.append(self.rules.check)
         return checks

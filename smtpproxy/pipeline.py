@@ -5,6 +5,11 @@ respected); a ``CheckResult`` is recorded; a ``Verdict``'s score adds up and its
 header edits collect; the first terminal verdict ends the stage. A check that
 raises or times out becomes a tempfail (451 4.3.0) by default, never a silent
 pass and never a 5xx caused by our own bug.
+
+An ACCEPT ends *filtering* for its scope (the connection when given at connect
+or HELO, the transaction otherwise), never protection: the protective checks
+(relay, limits, rate limits) still run in that stage and every later one, and
+their refusal overrides the accept.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class Pipeline:
         self.timeout = timeout
         self.on_error = on_error
         self._by_stage = {stage: [c for c in self.checks if c.handles(stage)] for stage in Stage}
+        self._protective = {stage: [c for c in cs if c.protective] for stage, cs in self._by_stage.items()}
         self._pure = {stage: all(c.pure for c in checks) for stage, checks in self._by_stage.items()}
         # Stages where some check may be inactive (it overrides ``active``): only
         # those filter per run; elsewhere every check of the stage runs.
@@ -80,13 +86,12 @@ class Pipeline:
     ) -> StageOutcome:
         """Run every check of ``stage``; return the combined outcome."""
         outcome = StageOutcome()
-        checks = self._by_stage[stage]
+        accepted = session.accepted_by is not None or (txn is not None and txn.accepted_by is not None)
+        # An ACCEPT earlier in the session or transaction: only protection is left.
+        checks = self._protective[stage] if accepted else self._by_stage[stage]
         if self._gated[stage]:
             checks = [c for c in checks if c.active(stage)]
         if not checks:
-            return outcome
-        if session.extras.get("accepted_by") or (txn is not None and txn.extras.get("accepted_by")):
-            # An ACCEPT (allow-list) earlier in the session or transaction skips policy.
             return outcome
         started = time.perf_counter()
         current = checks[0]
@@ -97,6 +102,8 @@ class Pipeline:
             deadline = contextlib.nullcontext() if pure else asyncio.timeout(self.timeout)
             async with deadline:
                 for check in checks:
+                    if accepted and not check.protective:
+                        continue
                     current = check
                     result = await self._call(check, stage, session, txn, rcpt)
                     if result is None:
@@ -107,25 +114,26 @@ class Pipeline:
                         else:
                             session.extras.setdefault("results", {})[result.check] = result
                         continue
-                    if self._merge(outcome, result, check.name, session, txn, stage):
-                        break
+                    if self._merge(outcome, result, check.name, txn):
+                        if outcome.action is not Action.ACCEPT:
+                            break
+                        # Accepted: the protective checks left in this stage still run.
+                        accepted = True
         except TimeoutError:
             failed = self._failed(current, "timeout", session, txn)
             if failed is not None:
-                self._merge(outcome, failed, current.name, session, txn, stage)
+                self._merge(outcome, failed, current.name, txn)
         finally:
             self._stage_hist[stage].observe(time.perf_counter() - started)
+        if outcome.action is Action.ACCEPT:
+            # Only an accept that no protective check overrode takes effect.
+            if stage in (Stage.CONNECT, Stage.HELO) or txn is None:
+                session.accepted_by = outcome.decided_by
+            else:
+                txn.accepted_by = outcome.decided_by
         return outcome
 
-    def _merge(
-        self,
-        outcome: StageOutcome,
-        verdict: Verdict,
-        name: str,
-        session: Session,
-        txn: Transaction | None,
-        stage: Stage,
-    ) -> bool:
+    def _merge(self, outcome: StageOutcome, verdict: Verdict, name: str, txn: Transaction | None) -> bool:
         """Fold one verdict into the outcome; True when the stage ends here."""
         outcome.header_edits.extend(verdict.header_edits)
         outcome.score += verdict.score
@@ -140,11 +148,6 @@ class Pipeline:
         outcome.decided_by = (verdict.reasons or (name,))[0]
         outcome.disconnect = verdict.disconnect
         outcome.quarantine_to = verdict.quarantine_to
-        if verdict.action is Action.ACCEPT:
-            if stage in (Stage.CONNECT, Stage.HELO) or txn is None:
-                session.extras["accepted_by"] = outcome.decided_by
-            else:
-                txn.extras["accepted_by"] = outcome.decided_by
         return True
 
     async def _call(

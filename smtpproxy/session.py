@@ -71,6 +71,9 @@ class Session:
     errors: int = 0
     rejected_recipients: int = 0
     invalid_commands: int = 0
+    # The check or rule whose ACCEPT (at connect or HELO) ended filtering for
+    # the whole connection; protection still applies (see Check.protective).
+    accepted_by: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # per-check connection state
     _address: tuple[IPAddress, str] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -116,6 +119,7 @@ class Transaction:
     score: float = 0.0
     matched_rules: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    accepted_by: str | None = None  # an ACCEPT at MAIL, RCPT or DATA: no more filtering for this envelope
     extras: dict[str, Any] = field(default_factory=dict)  # per-check transaction state
 
     @property

@@ -53,6 +53,10 @@ class Check:
     # (core policy checks do not; the stage's histogram covers them).
     pure: bool = False
     timed: bool = True
+    # A protective check (relay, limits, rate limits) runs even after an ACCEPT:
+    # accept ends *filtering* (authentication enforcement, rules, scores) for its
+    # scope, never the protection of the operator (DESIGN.md).
+    protective: bool = False
 
     async def connect(self, session: Session) -> CheckOutcome:
         """Connection stage; default: nothing to say."""

@@ -110,3 +110,46 @@ async def test_accept_at_connect_skips_policy_for_the_session() -> None:
     await pipeline.run(Stage.CONNECT, s)
     outcome = await pipeline.run(Stage.DATA, s, Transaction("T", "a@b"))
     assert outcome.action is Action.CONTINUE and log == []
+
+
+class Protective(Fixed):
+    protective = True
+
+
+async def test_accept_ends_filtering_never_protection() -> None:
+    """After an accept, filtering checks are skipped; protective ones run and their refusal wins."""
+    log: list[str] = []
+    relay = Protective("relay", Verdict(Action.REJECT, Reply(550, "5.7.1", "Relay access denied")), log=log)
+    filtering = Fixed("rules", Verdict(Action.REJECT), log=log)
+    # The accept comes first in the stage: the protective check after it still runs.
+    pipeline = Pipeline(
+        [Fixed("allow", Verdict(Action.ACCEPT), log=log), relay, filtering], Metrics(process=False)
+    )
+    txn = Transaction("T", "a@b")
+    outcome = await pipeline.run(Stage.DATA, session(), txn)
+    assert outcome.action is Action.REJECT and outcome.decided_by == "relay"
+    assert log == ["allow", "relay"]
+    # Overridden by protection: the accept did not take effect for the transaction.
+    assert txn.accepted_by is None
+
+
+async def test_accept_in_an_earlier_stage_leaves_only_protective_checks() -> None:
+    class Allow(Check):
+        name = "allow"
+
+        async def connect(self, session: Session) -> CheckOutcome:
+            return Verdict(Action.ACCEPT, reasons=("allowlist",))
+
+    log: list[str] = []
+    limit = Protective(
+        "limits", Verdict(Action.TEMPFAIL, Reply(452, "4.5.3", "Too many recipients")), log=log
+    )
+    pipeline = Pipeline(
+        [Allow(), Fixed("rules", Verdict(Action.REJECT), log=log), limit], Metrics(process=False)
+    )
+    s = session()
+    await pipeline.run(Stage.CONNECT, s)
+    assert s.accepted_by == "allowlist"
+    outcome = await pipeline.run(Stage.DATA, s, Transaction("T", "a@b"))
+    assert outcome.action is Action.TEMPFAIL and outcome.reply == Reply(452, "4.5.3", "Too many recipients")
+    assert log == ["limits"]

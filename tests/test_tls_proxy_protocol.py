@@ -289,3 +289,37 @@ def test_handshake_failure_reasons_for_other_errors() -> None:
     assert handshake_failure_reason(None) == "other"
     words = {handshake_failure_reason(e) for e in (no_cipher, TimeoutError(), None, ConnectionResetError())}
     assert words <= set(HANDSHAKE_FAILURE_REASONS)
+
+
+def _shipped_rule_folder(tmp_path: Path, name: str) -> Path:
+    """A rules folder holding one of the shipped rule files."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    shipped = Path(__file__).resolve().parent.parent / "rules" / name
+    (rules / name).write_text(shipped.read_text())
+    return rules
+
+
+async def test_helo_rules_score_once_per_session_across_starttls(
+    backend: RecordingBackend, start_proxy, server_cert: tuple[str, str], ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A greeting is judged once: the EHLO after STARTTLS replaces the first one's score."""
+    rules = _shipped_rule_folder(tmp_path, "30-helo.yaml")
+    cert, key = server_cert
+    quiet = {name: {"enabled": False} for name in ("spf", "dkim", "arc", "dmarc")}
+    proxy = await start_proxy(
+        {"tls": {"cert": cert, "key": key}, "rules": str(rules), "scores": {"add_header": 0.5}, **quiet}
+    )
+    async with RawClient(proxy.host, proxy.port) as c:
+        await c.connect()
+        await c.cmd("EHLO DESKTOP-4F2A")
+        assert (await c.cmd("STARTTLS")).code == 220
+        await _starttls(c, ca)
+        await c.cmd("EHLO DESKTOP-4F2A")
+        # Greeting again without TLS in between: still once.
+        reply = await c.send_message(
+            "s@sender.example", ["user@example.org"], make_message(), helo="DESKTOP-4F2A"
+        )
+        assert reply.code == 250
+    content = backend.messages[0].content
+    assert b"X-Spam-Score: 1.5\r\n" in content, content[:600]

@@ -72,6 +72,9 @@ class Config(Section):
     backend_options: BackendOptions = BackendOptions()
     metrics: str | None = "127.0.0.1:9125"
     relay_domains: DomainList = []
+    # Postfix's mynetworks: clients that may relay to any domain. An accept rule
+    # (a trusted-networks list) does not give relay permission; only this does.
+    relay_networks: CidrList = []
     dns: DnsConfig = DnsConfig()
     spf: SpfConfig = SpfConfig()
     dkim: DkimConfig = DkimConfig()

@@ -27,6 +27,7 @@ class RateLimitCheck(Check):
     """Applies the configured rate and concurrency limits at every stage that has some."""
 
     name = "ratelimit"
+    protective = True  # an accept rule never lifts a rate or concurrency limit
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter

@@ -2,9 +2,10 @@
 
 State kept between stages (all in ``extras``, nothing on the check itself):
 
-- ``session.extras``: ``rules_score``/``rules_matches``/``rules_edits`` from
-  connect and helo rules (copied into every transaction at MAIL),
-  ``rules_stopped`` (a ``stop`` at connect/helo), ``rules_dnsbl`` (zone -> records).
+- ``session.extras``: per connection stage, what its rules scored, matched
+  and edited (:mod:`smtpproxy.rules.sessionstate`; copied into every
+  transaction at MAIL, a new HELO replacing the last one's), ``rules_dnsbl``
+  (zone -> records).
 - ``txn.extras``: ``rules_ruleset`` (the RuleSet captured at MAIL: a reload
   mid-transaction does not change its rules), ``rule_matches`` (why each rule
   matched), ``rules_edits`` (header edits decided before DATA), ``rules_pending``
@@ -32,6 +33,14 @@ from smtpproxy.rules.actions import QUARANTINE_HEADER, RuleActions
 from smtpproxy.rules.conditions import Evidence
 from smtpproxy.rules.fields import EvalContext
 from smtpproxy.rules.ruleset import Rule, RuleSet
+from smtpproxy.rules.sessionstate import (
+    session_edits,
+    session_matches,
+    session_score,
+    session_stages,
+    session_stopped,
+    start_stage,
+)
 from smtpproxy.session import Recipient, Session, Transaction
 from smtpproxy.stages import Check, CheckOutcome, Stage
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Reply, Verdict
@@ -121,7 +130,7 @@ class RulesCheck(Check):
                 if ctx.txn is not None:
                     ctx.txn.score += actions.score
                 else:
-                    ctx.session.extras["rules_score"] = ctx.score + actions.score
+                    session_stages(ctx.session)[ctx.stage].score += actions.score
             result.edits.extend(actions.edits)
             if actions.ratelimit is not None:
                 result.pending = (index, actions.ratelimit.key(ctx))
@@ -190,12 +199,12 @@ class RulesCheck(Check):
             return ruleset
         ruleset = self.engine.current
         txn.extras["rules_ruleset"] = ruleset
-        txn.score += float(session.extras.get("rules_score", 0.0))
-        earlier = list(session.extras.get("rules_matches", []))
+        txn.score += session_score(session)
+        earlier = session_matches(session)
         txn.extras["rule_matches"] = earlier
         txn.matched_rules.extend(m["rule"] for m in earlier)
-        txn.extras["rules_edits"] = list(session.extras.get("rules_edits", []))
-        if session.extras.get("rules_stopped"):
+        txn.extras["rules_edits"] = session_edits(session)
+        if session_stopped(session):
             txn.extras["rules_done"] = True
         return ruleset
 
@@ -206,18 +215,19 @@ class RulesCheck(Check):
     # -- stages -----------------------------------------------------------------
 
     async def _session_stage(self, session: Session, stage: Stage) -> CheckOutcome:
-        if session.extras.get("rules_stopped"):
+        if session_stopped(session, before=stage):
             return None
         ruleset = self.engine.current
         rules = ruleset.by_stage[stage]
         if not rules:
             return None
+        # Each greeting is judged afresh: a second EHLO replaces the first's score.
+        entry = start_stage(session, stage)
         await self.prefetch_dnsbl(session, ruleset.dnsbl_zones[stage])
         result = await self.run_rules(rules, EvalContext(session, None, stage))
-        session.extras.setdefault("rules_matches", []).extend(result.matched)
-        session.extras.setdefault("rules_edits", []).extend(result.edits)
-        if result.stopped:
-            session.extras["rules_stopped"] = True
+        entry.matches.extend(result.matched)
+        entry.edits.extend(result.edits)
+        entry.stopped = result.stopped
         return self._immediate(result)
 
     def _immediate(self, result: StageResult) -> Verdict | None:

@@ -17,6 +17,7 @@ from smtpproxy.addresses import domain_of
 from smtpproxy.ratelimit.keys import client_ip, client_net
 from smtpproxy.rules import facts
 from smtpproxy.rules.mime import Attachment
+from smtpproxy.rules.sessionstate import session_score
 from smtpproxy.session import Recipient, Session, Transaction
 from smtpproxy.stages import Stage
 
@@ -85,7 +86,7 @@ class EvalContext:
         """The score so far: the transaction's, or the connection's before MAIL."""
         if self.txn is not None:
             return self.txn.score
-        return float(self.session.extras.get("rules_score", 0.0))
+        return session_score(self.session)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from smtpproxy.rules.check import DnsResolver
 from smtpproxy.rules.engine import RulesEngine, memory_limiter
 from smtpproxy.rules.loader import LList, LMap, Problem, describe, line_of
 from smtpproxy.rules.ruleset import RuleSet, TestBlock, load_ruleset
+from smtpproxy.rules.sessionstate import session_matches
 from smtpproxy.session import CheckResult, Recipient, Session, TlsInfo, Transaction, new_id
 from smtpproxy.stages import Stage
 from smtpproxy.verdict import Action, HeaderEdit, Verdict
@@ -274,12 +275,12 @@ async def run_case(engine: RulesEngine, case: TestCase) -> Outcome:
     session = _session(facts)
     verdict = await check.connect(session)
     if _stop(outcome, _verdict(verdict), Stage.CONNECT):
-        outcome.rules = [m["rule"] for m in session.extras.get("rules_matches", [])]
+        outcome.rules = [m["rule"] for m in session_matches(session)]
         return outcome
     session.helo = str(facts.get("helo", "mail.example.net"))
     verdict = await check.helo(session)
     if _stop(outcome, _verdict(verdict), Stage.HELO):
-        outcome.rules = [m["rule"] for m in session.extras.get("rules_matches", [])]
+        outcome.rules = [m["rule"] for m in session_matches(session)]
         return outcome
     txn = Transaction(new_id(), str(facts.get("mail_from", "sender@example.net")))
     for method in ("spf", "dkim", "dmarc", "arc"):
