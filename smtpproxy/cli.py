@@ -71,6 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from smtpproxy.rules.cli import cmd_rules_check, cmd_rules_test
 
         folder = Path(args.dir) if args.dir else config.rules_path
+        if folder is None:
+            print(f"ok: no rules (rules: null in {args.config or 'the embedded defaults'})")
+            return EXIT_OK
+        if not folder.is_dir():
+            # Checking nothing and saying "ok: 0 rules" would hide a typo.
+            print(f"error: rules folder {folder}: no such folder", file=sys.stderr)
+            return EXIT_CONFIG
         command = cmd_rules_check if args.rules_command == "check" else cmd_rules_test
         return command(folder, config)
     if args.command == "check":

@@ -30,9 +30,11 @@ MAX_WATCHED = 10_000  # files looked at per poll; a folder with more is watched 
 Snapshot = tuple[tuple[str, int, int], ...]
 
 
-def folder_snapshot(folder: Path) -> Snapshot:
-    """(path, mtime_ns, size) of every file under ``folder``; empty when it does not exist."""
+def folder_snapshot(folder: Path | None) -> Snapshot:
+    """(path, mtime_ns, size) of every file under ``folder``; empty when it does not exist (or is None)."""
     out: list[tuple[str, int, int]] = []
+    if folder is None:
+        return ()
     try:
         for path in folder.rglob("*"):
             if len(out) >= MAX_WATCHED:
@@ -48,6 +50,11 @@ def folder_snapshot(folder: Path) -> Snapshot:
     return tuple(sorted(out))
 
 
+def _load(folder: Path | None) -> RuleSet:
+    # None is the config's `rules: null`: no rules, on purpose.
+    return empty_ruleset() if folder is None else load_ruleset(folder)
+
+
 def memory_limiter(metrics: Metrics, store: MemoryStore | None = None) -> RateLimiter:
     """A limiter with no configured limits on an in-memory store: for rules' ``ratelimit`` alone."""
     return RateLimiter([], store if store is not None else MemoryStore(OWN_LIMITER_KEYS), metrics)
@@ -57,12 +64,13 @@ class RulesEngine:
     """The rules of one App: ``current`` RuleSet, ``check`` to register, ``reload()`` and ``watch()``.
 
     ``limiter`` serves the ``ratelimit`` action; without one the engine uses
-    its own in-memory limiter (per process).
+    its own in-memory limiter (per process). ``folder`` None (``rules: null``)
+    means no rules: nothing to load, watch or reload.
     """
 
     def __init__(
         self,
-        folder: Path,
+        folder: Path | None,
         metrics: Metrics,
         *,
         resolver: DnsResolver | None = None,
@@ -82,7 +90,7 @@ class RulesEngine:
     def load(self) -> RuleSet:
         """Initial load: raise RulesError on a bad folder (the CLI exits 2)."""
         seen = folder_snapshot(self.folder)
-        ruleset = load_ruleset(self.folder)
+        ruleset = _load(self.folder)
         self._install(ruleset, seen)
         return ruleset
 
@@ -93,7 +101,12 @@ class RulesEngine:
         self.metrics.rules_loaded.set(len(ruleset))
         self.metrics.rules_last_reload.set(time.time())
         self.metrics.rule_reloads.labels("success").inc()
-        log.info("rules loaded: %d rules from %d files in %s", len(ruleset), len(ruleset.files), self.folder)
+        log.info(
+            "rules loaded: %d rules from %d files in %s",
+            len(ruleset),
+            len(ruleset.files),
+            self.folder or "nowhere (rules: null)",
+        )
 
     def _failed(self, err: RulesError, seen: Snapshot) -> None:
         self._seen = seen  # do not retry (and re-log) until the files change again
@@ -108,7 +121,7 @@ class RulesEngine:
         """Reload now (SIGHUP): True on success; on failure the old rules keep running."""
         seen = folder_snapshot(self.folder)
         try:
-            ruleset = load_ruleset(self.folder)
+            ruleset = _load(self.folder)
         except RulesError as err:
             self._failed(err, seen)
             return False
@@ -119,7 +132,7 @@ class RulesEngine:
         """Like reload(), compiling in a worker thread so big list files do not stall sessions."""
         seen = await asyncio.to_thread(folder_snapshot, self.folder)
         try:
-            ruleset = await asyncio.to_thread(load_ruleset, self.folder)
+            ruleset = await asyncio.to_thread(_load, self.folder)
         except RulesError as err:
             self._failed(err, seen)
             return False
@@ -132,7 +145,7 @@ class RulesEngine:
 
     async def watch(self, interval: float) -> None:
         """Poll the folder every ``interval`` seconds and reload on change; runs until cancelled."""
-        if interval <= 0:
+        if interval <= 0 or self.folder is None:
             return
         while True:
             await asyncio.sleep(interval)
