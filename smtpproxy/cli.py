@@ -161,12 +161,14 @@ async def _serve(config: Config) -> int:
     except RulesError as err:
         print(f"error: invalid rules in {config.rules_path}:\n{err.render()}", file=sys.stderr)
         return EXIT_CONFIG
-    await app.start()
-    tune_gc()
+    # Handlers before the start: a SIGTERM while binding (right after the
+    # "listening" line, say) still drains and exits 0 instead of killing us.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    tune_gc()
     with contextlib.suppress(NotImplementedError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, app.reload)
     await stop.wait()
