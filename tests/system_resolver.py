@@ -19,7 +19,7 @@ from smtpproxy.cli import main
 def run(argv: list[str]) -> int:
     """``argv``: the nameserver as host:port, then the smtpproxy arguments."""
     server = parse_hostport(argv[0])
-    smtpproxy.dns._system_nameservers = lambda: [(server.host, server.port)]  # type: ignore[attr-defined]
+    smtpproxy.dns._system_nameservers = lambda: [(server.host, server.port)]
     return main(argv[1:])
 
 
