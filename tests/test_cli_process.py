@@ -127,12 +127,12 @@ def test_every_problem_line_says_got_once(tmp_path: Path) -> None:
         "listen: 127.0.0.1:99999\nmetrics: '[::1'\nrelay_domains: ['a b']\nrelay_networks: [10.0.0.0/33]\n"
         "dns: {nameservers: [not-an-ip, '127.0.0.1:99999']}\nproxy_protocol: {trusted_networks: [nonsense]}\n"
         "scores: {add_header: 10, reject: 5}\nlimits: {max_recipients: ten}\nlog: {level: loud}\n"
-        "ratelimits: [{name: x, key: [bogus], rate: 1/s}]\n"
+        "ratelimits: [{name: x, key: [bogus], rate: 1/s}]\nbackend: 'smtp://x:99999'\n"
     )
     result = run_cli("config", "--config", str(cfg))
     assert result.returncode == 2
     lines = result.stderr.splitlines()[1:]
-    assert len(lines) == 11, result.stderr
+    assert len(lines) == 12, result.stderr
     for line in lines:
         assert line.count("got") == 1, line
     assert "  listen: expected host:port with a port number 0..65535, got '127.0.0.1:99999'" in lines
@@ -142,6 +142,7 @@ def test_every_problem_line_says_got_once(tmp_path: Path) -> None:
         in lines
     )
     assert "  scores: expected add_header <= reject, got add_header 10.0 > reject 5.0" in lines
+    assert "  backend: expected smtp://host:port (port 0..65535), got 'smtp://x:99999'" in lines
 
 
 def test_rules_null_means_no_rules_and_an_empty_folder_too(tmp_path: Path) -> None:

@@ -141,7 +141,11 @@ class Config(Section):
             return value
         for scheme in ("smtp://", "smtps://"):
             if value.startswith(scheme):
-                parse_hostport(value[len(scheme) :].rstrip("/"))
+                try:
+                    parse_hostport(value[len(scheme) :].rstrip("/"))
+                except ValueError:
+                    # Quote the whole URL, not only the host:port part that failed.
+                    raise ValueError(f"expected {scheme}host:port (port 0..65535), got {value!r}") from None
                 return value
         raise ValueError("expected smtp://host:port, smtps://host:port or maildir:PATH")
 

@@ -122,7 +122,10 @@ class ScoresConfig(Section):
         if value is None or (value.startswith("maildir:") and len(value) > len("maildir:")):
             return value
         if value.startswith("smtp://"):
-            parse_hostport(value[len("smtp://") :].rstrip("/"))
+            try:
+                parse_hostport(value[len("smtp://") :].rstrip("/"))
+            except ValueError:
+                raise ValueError(f"expected smtp://host:port (port 0..65535), got {value!r}") from None
             return value
         raise ValueError("expected maildir:PATH or smtp://host:port")
 
