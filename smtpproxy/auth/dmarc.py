@@ -106,7 +106,11 @@ class DmarcRecord:
     as_p_none: str = ""
 
     def policy_for(self, *, subdomain: bool, nonexistent: bool) -> str:
-        """The policy that applies: ``np`` (non-existent subdomain), ``sp`` (subdomain), else ``p``."""
+        """The policy that applies: ``np`` (non-existent subdomain), ``sp`` (subdomain), else ``p``.
+
+        RFC 9091 §3.1: without ``np`` a non-existent subdomain gets ``sp`` if present,
+        else ``p``; RFC 7489 §6.3: without ``sp`` a subdomain gets ``p``.
+        """
         if subdomain and nonexistent and self.np:
             return self.np
         if subdomain and self.sp:
