@@ -19,7 +19,7 @@ from smtpproxy.metrics import Metrics
 from smtpproxy.ratelimit.limiter import RateLimiter
 from smtpproxy.ratelimit.memory import MemoryStore
 from smtpproxy.rules.check import DnsResolver, RulesCheck
-from smtpproxy.rules.loader import RulesError
+from smtpproxy.rules.loader import Problem, RulesError
 from smtpproxy.rules.ruleset import RuleSet, empty_ruleset, load_ruleset
 
 log = logging.getLogger("smtpproxy.rules")
@@ -51,8 +51,14 @@ def folder_snapshot(folder: Path | None) -> Snapshot:
 
 
 def _load(folder: Path | None) -> RuleSet:
-    # None is the config's `rules: null`: no rules, on purpose.
-    return empty_ruleset() if folder is None else load_ruleset(folder)
+    # None is the config's `rules: null`: no rules, on purpose. A folder that is
+    # gone (moved, deleted) is an error, so a reload keeps the old rules instead
+    # of switching filtering off.
+    if folder is None:
+        return empty_ruleset()
+    if not folder.exists():
+        raise RulesError([Problem(str(folder), 0, "", "no such folder (rules: null means no rules)")])
+    return load_ruleset(folder)
 
 
 def memory_limiter(metrics: Metrics, store: MemoryStore | None = None) -> RateLimiter:
