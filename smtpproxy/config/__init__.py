@@ -205,12 +205,7 @@ def _format_errors(err: ValidationError) -> list[str]:
     return problems
 
 
-def build_config(
-    data: dict[str, Any],
-    *,
-    source: str = "<defaults>",
-    base_dir: Path | None = None,
-) -> Config:
+def build_config(data: dict[str, Any], *, source: str = "<defaults>", base_dir: Path | None = None) -> Config:
     """Validate a mapping into a Config, or raise ConfigError naming every bad key.
 
     The files and folders it names are checked as well (``paths.check_paths``).
