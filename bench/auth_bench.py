@@ -115,7 +115,7 @@ async def main() -> None:
         "backend": f"smtp://127.0.0.1:{sink_port}",
         "relay_domains": ["example.org"],
         "dns": {"nameservers": [dns.address], "reverse_lookup": False},
-        "rules": str(Path(tempfile.mkdtemp()) / "none"),
+        "rules": None,
         "log": {"level": "warning"},
     }
     off = {

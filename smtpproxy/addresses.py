@@ -44,7 +44,7 @@ def parse_hostport(value: str, *, default_port: int | None = None) -> HostPort:
             raise ValueError(f"expected host:port, got {value!r}")
         return HostPort(host, default_port)
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"expected a port number 0..65535, got {port_text!r}")
+        raise ValueError(f"expected host:port with a port number 0..65535, got {value!r}")
     if not host:
         raise ValueError(f"expected host:port with a host, got {value!r}")
     return HostPort(host, int(port_text))

@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from smtpproxy.addresses import HostPort
 from smtpproxy.auth.authresults import forged_filter
 from smtpproxy.auth.checks import build_auth_checks
 from smtpproxy.backend import Backend, BackendTransaction, ClientFacts
@@ -24,7 +25,7 @@ from smtpproxy.backend.maildir import MaildirBackend
 from smtpproxy.backend.smtp import SmtpBackend
 from smtpproxy.config import Config
 from smtpproxy.core_checks import LimitsCheck, RelayCheck
-from smtpproxy.dns import Resolver
+from smtpproxy.dns import DnsReadiness, Resolver
 from smtpproxy.httpserver import MetricsServer
 from smtpproxy.logs import EventLog, flush_logs
 from smtpproxy.metrics import Metrics
@@ -98,6 +99,7 @@ class App:
         self._watcher: asyncio.Task[None] | None = None
         self._log_flusher: asyncio.Task[None] | None = None
         self._ready_cache: tuple[float, str | None] = (0.0, "not started")
+        self.dns_readiness = DnsReadiness(self.resolver)
 
     def build_checks(self) -> list[Check]:
         """The checks in pipeline order: cheap policy first, then authentication, then rules.
@@ -217,9 +219,16 @@ class App:
             await btx.finish()
 
     async def readiness(self) -> str | None:
-        """None when listening and the backend answers; else why not (cached one second)."""
+        """None when listening, DNS answers and the backend answers; else why not.
+
+        Without DNS every message would get 451 4.4.3 (SPF/DMARC temperror): not
+        ready. The DNS outcome is cached five seconds, the backend's one.
+        """
         if self._server is None or not self._server.is_serving():
             return "not listening"
+        dns_problem = await self.dns_readiness.problem()
+        if dns_problem is not None:
+            return dns_problem
         if time.monotonic() - self._ready_cache[0] < 1.0:
             return self._ready_cache[1]
         return await self.probe_backend()
@@ -251,10 +260,31 @@ class App:
         interval = self.config.rules_options.reload_interval
         if interval > 0:
             self._watcher = loop.create_task(self.rules.watch(interval))
+        self._log_what_is_in_force()
+
+    def _log_what_is_in_force(self) -> None:
+        """One line at start with what protects this instance, and a warning when nothing relays."""
+        config = self.config
+        metrics = None  # off, or a worker (the supervisor serves the metrics)
+        if self._metrics_server is not None and config.metrics_address is not None:
+            metrics = str(HostPort(config.metrics_address.host, self._metrics_server.port))
         log.info(
             "listening",
-            extra={"fields": {"listen": str(self.listen_port_address), "backend": self.config.backend}},
+            extra={
+                "fields": {
+                    "listen": str(HostPort(*self.listen_port_address)),
+                    "metrics": metrics,
+                    "backend": config.backend,
+                    "relay_domains": len(config.relay_domains),
+                    "relay_networks": len(config.relay_networks),
+                    "rules": len(self.rules.current),
+                    "checks": [check.name for check in self.checks],
+                }
+            },
         )
+        if not config.relay_domains:
+            also = " except from relay_networks" if config.relay_networks else ""
+            log.warning("relay_domains is empty: every recipient will be refused with 550 5.7.1%s", also)
 
     @property
     def listen_port_address(self) -> tuple[str, int]:

@@ -71,6 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from smtpproxy.rules.cli import cmd_rules_check, cmd_rules_test
 
         folder = Path(args.dir) if args.dir else config.rules_path
+        if folder is None:
+            print(f"ok: no rules (rules: null in {args.config or 'the embedded defaults'})")
+            return EXIT_OK
+        if not folder.is_dir():
+            # Checking nothing and saying "ok: 0 rules" would hide a typo.
+            print(f"error: rules folder {folder}: no such folder", file=sys.stderr)
+            return EXIT_CONFIG
         command = cmd_rules_check if args.rules_command == "check" else cmd_rules_test
         return command(folder, config)
     if args.command == "check":
@@ -154,12 +161,14 @@ async def _serve(config: Config) -> int:
     except RulesError as err:
         print(f"error: invalid rules in {config.rules_path}:\n{err.render()}", file=sys.stderr)
         return EXIT_CONFIG
-    await app.start()
-    tune_gc()
+    # Handlers before the start: a SIGTERM while binding (right after the
+    # "listening" line, say) still drains and exits 0 instead of killing us.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    tune_gc()
     with contextlib.suppress(NotImplementedError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, app.reload)
     await stop.wait()

@@ -214,6 +214,32 @@ class Resolver:
                 return host
         return None
 
+    async def probe(self) -> str | None:
+        """None when some nameserver answers at all; else why none does (for ``/readyz``).
+
+        Any DNS reply counts as answering, NXDOMAIN, SERVFAIL or REFUSED included:
+        the question is whether lookups can get an answer, not what a name holds.
+        Only timeouts and unreachable servers count against. Not cached here.
+        """
+        per_try = self._timeout / len(self._servers)
+        failures = []
+        for host, port in self._servers:
+            # The root's NS: every recursive resolver has it cached; authoritative
+            # servers answer REFUSED or a referral, which is an answer too.
+            request = dns.message.make_query(dns.name.root, dns.rdatatype.NS)
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            try:
+                async with asyncio.timeout(per_try):
+                    await dns.asyncquery.udp(request, host, timeout=per_try, port=port, ignore_trailing=True)
+                return None
+            except (TimeoutError, dns.exception.Timeout):
+                failures.append(f"{where} timed out")
+            except OSError as err:
+                failures.append(f"{where} unreachable ({err.strerror or err})")
+            except (EOFError, ValueError, dns.exception.DNSException):
+                return None  # something answered, if badly: the server is there
+        return "DNS: no nameserver answers: " + ", ".join(failures)
+
     async def close(self) -> None:
         """Cancel lookups in flight and drop the cache."""
         tasks = list(self._inflight.values())
@@ -303,6 +329,30 @@ class Resolver:
     def _count(self, qtype: str, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.dns_queries.labels(type=_type_label(qtype), outcome=outcome).inc()
+
+
+class DnsReadiness:
+    """``/readyz``'s DNS part: the outcome of :meth:`Resolver.probe`, kept ``ttl`` seconds.
+
+    Kubernetes or a load balancer polls every few seconds; the nameservers are
+    asked at most once per ``ttl``.
+    """
+
+    def __init__(
+        self, resolver: Resolver, ttl: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._resolver = resolver
+        self._ttl = ttl
+        self._clock = clock
+        self._last: tuple[float, str | None] | None = None
+
+    async def problem(self) -> str | None:
+        """None while some nameserver answers; else why none does."""
+        if self._last is not None and self._clock() - self._last[0] < self._ttl:
+            return self._last[1]
+        problem = await self._resolver.probe()
+        self._last = (self._clock(), problem)
+        return problem
 
 
 def _type_label(qtype: str) -> str:

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from smtpproxy.app import make_backend
 from smtpproxy.config import Config
+from smtpproxy.dns import DnsReadiness, Resolver
 from smtpproxy.httpserver import MetricsServer
 from smtpproxy.metrics import Metrics
 
@@ -68,10 +69,13 @@ class Supervisor:
                     proc.send_signal(sig)
 
     async def ready(self) -> str | None:
-        """Ready when every worker runs and the backend answers."""
+        """Ready when every worker runs, DNS answers and the backend answers."""
         dead = [p.pid for p in self.workers if p.poll() is not None]
         if dead:
             return f"workers not running: {dead}"
+        dns_problem = await self._dns_readiness.problem()
+        if dns_problem is not None:
+            return dns_problem
         return await self._backend_probe()
 
     async def run(self) -> int:
@@ -83,6 +87,9 @@ class Supervisor:
         probe_metrics = Metrics(CollectorRegistry(), process=False)
         backend = make_backend(self.config.backend, self.config, probe_metrics)
         self._backend_probe = backend.probe
+        # The workers' resolvers use these nameservers too: one probe speaks for all.
+        resolver = Resolver(self.config.dns.nameservers, timeout=self.config.dns.timeout)
+        self._dns_readiness = DnsReadiness(resolver)
         server = None
         maddr = self.config.metrics_address
         if maddr is not None:

@@ -4,7 +4,7 @@
 same ephemeral port, in background threads, so sync and async tests can use it::
 
     with DnsServer({"example.org": [("TXT", "v=spf1 -all"), ("A", "192.0.2.1")]}) as dns:
-        resolver = Resolver([dns.address], timeout=0.5)
+        resolver = Resolver([dns.address], timeout=2.0)
 
 Zone data: lower-case owner name (no trailing dot) -> list of ``(rdtype, rdata)``,
 or one of the special strings:

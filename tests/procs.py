@@ -51,7 +51,13 @@ class ProxyProcess:
     def __init__(self, tmp: Path, config: dict[str, Any]) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
-        config = {"listen": f"127.0.0.1:{self.port}", "metrics": f"127.0.0.1:{self.metrics_port}", **config}
+        # No rules unless the test brings some: a rules folder that does not exist is a config error.
+        config = {
+            "listen": f"127.0.0.1:{self.port}",
+            "metrics": f"127.0.0.1:{self.metrics_port}",
+            "rules": None,
+            **config,
+        }
         self.config_path = tmp / "smtpproxy.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = tmp / "proxy.log"

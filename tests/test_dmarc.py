@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import email.utils
+import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from publicsuffixlist import PublicSuffixList
 
+from smtpproxy.auth.authresults import parse_authentication_results
 from smtpproxy.auth.dkim import DkimSignatureResult
 from smtpproxy.auth.dmarc import (
     _SIMPLE_MAILBOX,
     DmarcEvaluator,
     DmarcRecord,
     DmarcRecordError,
+    DmarcResult,
     aligned,
     from_domains,
     normalize_domain,
@@ -24,7 +28,9 @@ from smtpproxy.auth.dmarc import (
 )
 from smtpproxy.auth.spf import SpfResult
 from smtpproxy.dns import Resolver
+from tests.backends import RecordingBackend
 from tests.dnsserver import DnsServer
+from tests.smtpclient import RawClient, make_message
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +63,28 @@ def test_record_all_tags_parsed() -> None:
     )
 
 
-@pytest.mark.parametrize("bad", ["pct=101", "pct=-1", "pct=ten", "adkim=x", "aspf=", "sp=drop", "np=?"])
+@pytest.mark.parametrize("bad", ["pct=101", "pct=-1", "pct=ten", "adkim=x", "aspf=", "np=?"])
 def test_invalid_optional_tags_fall_back_to_defaults(bad: str) -> None:
     assert parse_dmarc_record(f"v=DMARC1; p=reject; {bad}") == DmarcRecord(p="reject")
 
 
-@pytest.mark.parametrize("text", ["p=reject", "v=DMARC2; p=reject", "v=spf1 -all", "", "v=DMARC1; p=drop"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "p=reject",
+        "v=DMARC2; p=reject",
+        "v=spf1 -all",
+        "",
+        "v=DMARC1; p=drop",
+        # RFC 7489 §6.6.3 step 6: an invalid sp= spoils the record like an invalid p=.
+        "v=DMARC1; p=reject; sp=drop",
+        "v=DMARC1; p=reject; sp=",
+        # ... unless rua= holds a syntactically valid URI; these do not.
+        "v=DMARC1; p=bogus; rua=r@example.org",
+        "v=DMARC1; p=bogus; rua=mailto:nobody",
+        "v=DMARC1; p=bogus; rua=mailto:a b@example.org",
+    ],
+)
 def test_not_a_usable_record(text: str) -> None:
     with pytest.raises(DmarcRecordError):
         parse_dmarc_record(text)
@@ -71,6 +93,16 @@ def test_not_a_usable_record(text: str) -> None:
 def test_invalid_p_with_rua_counts_as_p_none() -> None:
     assert parse_dmarc_record("v=DMARC1; rua=mailto:d@example.org").p == "none"
     assert parse_dmarc_record("v=DMARC1; p=bogus; rua=mailto:d@example.org").p == "none"
+
+
+def test_invalid_sp_with_rua_counts_as_a_bare_p_none_record() -> None:
+    # §6.6.3 step 6.1: "as if a record containing a valid v tag and p=none was retrieved".
+    r = parse_dmarc_record("v=DMARC1; p=reject; sp=bogus; np=reject; rua=mailto:r@example.org!10m")
+    assert (r.p, r.sp, r.np, r.rua) == ("none", None, None, ("mailto:r@example.org!10m",))
+    assert r.as_p_none == "invalid sp=bogus, treated as p=none"
+    assert parse_dmarc_record("v=DMARC1; p=reject; sp=none").as_p_none == ""
+    one_good = parse_dmarc_record("v=DMARC1; p=x; rua=bogus, https://dmarc.example.org/r")
+    assert one_good.p == "none"
 
 
 def test_policy_for_subdomains_and_nonexistent_names() -> None:
@@ -341,3 +373,175 @@ async def test_several_author_domains_strictest_wins(evaluator: DmarcEvaluator) 
 async def test_too_many_author_domains_is_rejectable_permerror(evaluator: DmarcEvaluator) -> None:
     r = await evaluator.evaluate([", ".join(f"a@d{i}.example" for i in range(6))], None, [])
     assert (r.result, r.disposition) == ("permerror", "reject")
+
+
+# RFC 7489 §6.6.3 step 6 and RFC 9091, each against its own zone ----------------------
+
+STEP6_RECORDS = {
+    "sp": "v=DMARC1; p=reject; sp=bogus",
+    "p": "v=DMARC1; p=bogus",
+}
+RUA = "; rua=mailto:r@example.com"
+
+
+async def evaluate_in(
+    zone: dict[str, list[tuple[str, object]] | str], from_: str, psl: PublicSuffixList
+) -> tuple[DmarcResult, DnsServer]:
+    """DMARC for ``from_`` with SPF failing and no DKIM, against a DNS server serving ``zone``."""
+    with DnsServer(zone) as srv:
+        resolver = Resolver([srv.address], timeout=3.0)
+        try:
+            evaluator = DmarcEvaluator(resolver, psl, random=lambda: 0.99)
+            result = await evaluator.evaluate([from_], spf("fail", "example.com"), [])
+        finally:
+            await resolver.close()
+    return result, srv
+
+
+@pytest.mark.parametrize("tag", sorted(STEP6_RECORDS))
+@pytest.mark.parametrize("from_", ["a@sub.example.com", "a@example.com"])
+async def test_invalid_policy_without_rua_means_dmarc_not_applied(
+    tag: str, from_: str, psl: PublicSuffixList
+) -> None:
+    zone: dict[str, list[tuple[str, object]] | str] = {"_dmarc.example.com": [("TXT", STEP6_RECORDS[tag])]}
+    r, _ = await evaluate_in(zone, from_, psl)
+    assert (r.result, r.policy, r.disposition) == ("none", "", "none")
+    assert f"invalid {tag}=bogus" in r.reason and r.reason.endswith("not applied")
+
+
+@pytest.mark.parametrize("tag", sorted(STEP6_RECORDS))
+@pytest.mark.parametrize("from_", ["a@sub.example.com", "a@example.com"])
+async def test_invalid_policy_with_valid_rua_is_p_none(tag: str, from_: str, psl: PublicSuffixList) -> None:
+    zone: dict[str, list[tuple[str, object]] | str] = {
+        "_dmarc.example.com": [("TXT", STEP6_RECORDS[tag] + RUA)],
+        "sub.example.com": [("A", "192.0.2.7")],
+    }
+    r, _ = await evaluate_in(zone, from_, psl)
+    assert (r.result, r.policy, r.disposition) == ("fail", "none", "none")
+    assert r.reason.endswith(f"invalid {tag}=bogus, treated as p=none")
+
+
+async def test_invalid_record_at_from_domain_ends_discovery(psl: PublicSuffixList) -> None:
+    zone: dict[str, list[tuple[str, object]] | str] = {
+        "_dmarc.sub.example.com": [("TXT", "v=DMARC1; p=bogus")],
+        "_dmarc.example.com": [("TXT", "v=DMARC1; p=reject")],
+    }
+    r, srv = await evaluate_in(zone, "a@sub.example.com", psl)
+    assert (r.result, r.policy, r.disposition) == ("none", "", "none")
+    assert "_dmarc.sub.example.com" in r.reason
+    assert srv.count("_dmarc.example.com") == 0  # §6.6.3 step 3: no org-domain lookup
+
+
+async def test_invalid_record_at_from_domain_with_rua_is_p_none_not_org_reject(psl: PublicSuffixList) -> None:
+    zone: dict[str, list[tuple[str, object]] | str] = {
+        "_dmarc.sub.example.com": [("TXT", "v=DMARC1; p=bogus" + RUA)],
+        "_dmarc.example.com": [("TXT", "v=DMARC1; p=reject")],
+    }
+    r, srv = await evaluate_in(zone, "a@sub.example.com", psl)
+    assert (r.result, r.policy, r.disposition, r.org_domain) == ("fail", "none", "none", "example.com")
+    assert srv.count("_dmarc.example.com") == 0
+
+
+async def test_non_dmarc_txt_at_from_domain_still_falls_back_to_org(psl: PublicSuffixList) -> None:
+    zone: dict[str, list[tuple[str, object]] | str] = {
+        "_dmarc.sub.example.com": [("TXT", "v=spf1 -all")],
+        "_dmarc.example.com": [("TXT", "v=DMARC1; p=reject")],
+        "sub.example.com": [("A", "192.0.2.7")],
+    }
+    r, _ = await evaluate_in(zone, "a@sub.example.com", psl)
+    assert (r.result, r.policy, r.disposition) == ("fail", "reject", "reject")
+
+
+NP_ZONE: dict[str, list[tuple[str, object]] | str] = {
+    "_dmarc.example.com": [("TXT", "v=DMARC1; p=none; sp=quarantine; np=reject")],
+    "a-only.example.com": [("A", "192.0.2.1")],
+    "aaaa-only.example.com": [("AAAA", "2001:db8::1")],
+    "mx-only.example.com": [("MX", "10 mx.example.net")],
+    "txt-only.example.com": [("TXT", "hello")],  # NODATA for A, AAAA and MX
+    "x.parent.example.com": [("A", "192.0.2.2")],  # parent.example.com: empty non-terminal
+    "slow-aaaa.example.com": [("TXT", "x"), ("TIMEOUT", "")],
+}
+
+
+@pytest.mark.parametrize(
+    ("domain", "policy"),
+    [
+        ("ghost.example.com", "reject"),  # NXDOMAIN (RFC 9091 §2.1)
+        ("txt-only.example.com", "reject"),  # NODATA for each of A, AAAA, MX
+        ("parent.example.com", "reject"),  # an empty non-terminal: NODATA for all three
+        ("a-only.example.com", "quarantine"),
+        ("aaaa-only.example.com", "quarantine"),
+        ("mx-only.example.com", "quarantine"),
+        ("example.com", "none"),  # np never applies to the org domain itself
+    ],
+)
+async def test_np_applies_exactly_to_non_existent_subdomains(
+    domain: str, policy: str, psl: PublicSuffixList
+) -> None:
+    r, _ = await evaluate_in(NP_ZONE, f"a@{domain}", psl)
+    assert (r.result, r.policy, r.disposition) == ("fail", policy, policy)
+
+
+async def test_np_existence_unknown_is_temperror(psl: PublicSuffixList) -> None:
+    r, _ = await evaluate_in(NP_ZONE, "a@slow-aaaa.example.com", psl)
+    assert (r.result, r.disposition) == ("temperror", "none")
+
+
+async def test_np_equal_to_subdomain_policy_needs_no_existence_lookup(psl: PublicSuffixList) -> None:
+    zone: dict[str, list[tuple[str, object]] | str] = {
+        "_dmarc.example.com": [("TXT", "v=DMARC1; p=reject; np=reject")]
+    }
+    r, srv = await evaluate_in(zone, "a@ghost.example.com", psl)
+    assert (r.result, r.policy) == ("fail", "reject")
+    assert srv.count("ghost.example.com") == 0
+
+
+# End to end: the reply and the Authentication-Results field for step 6 ------------------
+
+E2E_ZONE: dict[str, list[tuple[str, object]] | str] = {
+    "sender.example": [("TXT", "v=spf1 -all")],
+    "_dmarc.bad-sp.example": [("TXT", "v=DMARC1; p=reject; sp=bogus")],
+    "_dmarc.bad-sp-rua.example": [("TXT", "v=DMARC1; p=reject; sp=bogus" + RUA)],
+    "_dmarc.sub.good.example": [("TXT", "v=DMARC1; p=bogus")],
+    "_dmarc.good.example": [("TXT", "v=DMARC1; p=reject")],
+}
+
+
+def _ar_field(content: bytes) -> str:
+    header = content.split(b"\r\n\r\n", 1)[0].decode()
+    (field,) = [f for f in re.split(r"\r\n(?![ \t])", header) if f.startswith("Authentication-Results:")]
+    return " ".join(field.partition(":")[2].split())
+
+
+async def test_end_to_end_invalid_records_deliver_with_the_right_header(
+    backend: RecordingBackend, start_proxy: Any
+) -> None:
+    with DnsServer(dict(E2E_ZONE)) as srv:
+        proxy = await start_proxy({"dns": {"nameservers": [srv.address], "timeout": 3.0}})
+        async with RawClient(proxy.host, proxy.port) as client:
+            await client.connect()
+            replies = []
+            for author in (
+                "a@bad-sp.example",
+                "a@bad-sp-rua.example",
+                "a@sub.good.example",
+                "a@good.example",
+            ):
+                await client.cmd("RSET")
+                msg = make_message().replace(b"From: ", b"X-Old-From: ", 1)
+                replies.append(
+                    await client.send_message(
+                        "x@sender.example", ["bob@example.org"], f"From: {author}\r\n".encode() + msg
+                    )
+                )
+        # The valid p=reject still rejects; the server keeps serving after it.
+        assert [r.code for r in replies] == [250, 250, 250, 550]
+        assert replies[3].text == "5.7.1 Email rejected per DMARC policy for good.example"
+        async with RawClient(proxy.host, proxy.port) as client:
+            assert (await client.connect()).code == 220
+    fields = [_ar_field(bytes(m.content)) for m in backend.messages]
+    assert len(fields) == 3
+    assert "dmarc=none (invalid sp=bogus, no valid rua at _dmarc.bad-sp.example: not applied)" in fields[0]
+    assert "dmarc=fail (p=none dis=none) header.from=bad-sp-rua.example policy.dmarc=none" in fields[1]
+    assert "dmarc=none (invalid p=bogus, no valid rua at _dmarc.sub.good.example: not applied)" in fields[2]
+    assert all([r.method for r in parse_authentication_results(f).results][-1] == "dmarc" for f in fields)

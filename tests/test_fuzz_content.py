@@ -132,7 +132,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[App, asyncio
             "relay_domains": ["example.org"],
             "rules": str(rules),
             "metrics": None,
-            "dns": {"nameservers": [dns.address], "timeout": 0.5, "reverse_lookup": False},
+            "dns": {"nameservers": [dns.address], "timeout": 2.0, "reverse_lookup": False},
             "check_timeout": 5,
         },
         base_dir=tmp,

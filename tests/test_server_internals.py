@@ -16,7 +16,7 @@ from smtpproxy.server import _SIMPLE_PATH, InboundSMTP
 async def test_inbound_smtp_sets_every_attribute_aiosmtpd_init_sets(tmp_path) -> None:
     """aiosmtpd's __init__ is skipped for speed: a new aiosmtpd attribute must fail here."""
     reference = SMTP(object(), loop=asyncio.get_running_loop())
-    app = App(build_config({"rules": str(tmp_path / "none"), "metrics": None}))
+    app = App(build_config({"rules": None, "metrics": None}))
     ours = InboundSMTP(app)
     missing = set(vars(reference)) - set(vars(ours))
     assert not missing, f"aiosmtpd sets attributes InboundSMTP does not: {sorted(missing)}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.dnsserver import DnsServer
 from tests.procs import ProxyProcess
 from tests.smtpclient import make_message
 
@@ -25,14 +26,15 @@ def _messages_total(url: str) -> float:
     )
 
 
-def test_two_workers_share_the_port_and_metrics_are_aggregated(tmp_path: Path) -> None:
+def test_two_workers_share_the_port_and_metrics_are_aggregated(tmp_path: Path, dns_server: DnsServer) -> None:
     proxy = ProxyProcess(
         tmp_path,
         {
             "workers": 2,
             "backend": "maildir:mail",
             "relay_domains": ["example.org"],
-            "dns": {"reverse_lookup": False},
+            # The test DNS server, never the machine's resolver (/readyz asks it).
+            "dns": {"reverse_lookup": False, "nameservers": [dns_server.address], "timeout": 3.0},
             "spf": {"enabled": False},
             "dmarc": {"enabled": False},
         },

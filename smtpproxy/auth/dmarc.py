@@ -3,6 +3,23 @@
 Pure parts (record parsing, alignment, choosing the policy) are plain functions;
 :class:`DmarcEvaluator` adds the DNS lookups through the shared Resolver.
 
+Policy discovery follows RFC 7489 §6.6.3 step by step:
+
+- TXT records at ``_dmarc.<From domain>`` that do not start with ``v=DMARC1`` are
+  discarded (steps 1-2); only when none is left is the organizational domain
+  asked (step 3). A ``v=DMARC1`` record at the From domain ends discovery even
+  when it is invalid: there is no fallback to the org domain once one exists.
+- More than one DMARC record at a name: discovery ends and DMARC is not applied
+  (step 5): result ``none``, reason says so.
+- A record whose ``p=`` or ``sp=`` is not a valid policy (step 6): with at least
+  one syntactically valid ``rua=`` URI it acts as a record with ``p=none`` (result
+  pass/fail as usual, never enforced); without one, DMARC is not applied
+  (result ``none``). Other invalid tags (``pct``, ``adkim``, ``aspf``, ``np``) take
+  their defaults (§6.3: "syntax errors in the remainder of the record SHOULD be
+  discarded in favor of default values (if any) or ignored outright").
+- ``np=`` applies to a non-existent subdomain as RFC 9091 §2.1 defines it:
+  NXDOMAIN, or NODATA for each of A, AAAA and MX.
+
 Choices where the RFC leaves room (RFC 7489 §6.6.1, §6.6.3):
 
 - No From header field, or none with a usable domain: ``permerror`` with
@@ -11,10 +28,9 @@ Choices where the RFC leaves room (RFC 7489 §6.6.1, §6.6.3):
   is evaluated and the strictest outcome wins, as §6.6.1 permits ("apply the
   DMARC policy of each and choose the strictest"). More domains than that is a
   ``permerror`` with disposition ``reject``: nobody legitimate sends that.
-- More than one DMARC record at a name: policy discovery ends and DMARC is not
-  applied (§6.6.3 step 3): result ``none``, reason says so.
-- A record without a valid ``p=`` counts only when it has ``rua=`` (then as
-  ``p=none``), else it is ignored (§6.6.3 step 6).
+- A DNS failure while deciding whether a subdomain exists (only asked when ``np``
+  differs from the policy that applies otherwise) is a ``temperror``: guessing
+  either way could apply the wrong policy.
 """
 
 from __future__ import annotations
@@ -44,6 +60,10 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _ADDR = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
 _NAME = r"""(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~. -]*|"[^"\\\r\n]*" *)"""
 _SIMPLE_MAILBOX = re.compile(rf" *(?:{_ADDR}|{_NAME}<{_ADDR}>) *\Z")
+# A DMARC reporting URI (RFC 7489 §6.4 dmarc-uri): an absolute URI (RFC 3986
+# scheme ":" and no white space), optionally "!size"; a mailto: one needs an address.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s!]+(?:![0-9]+[kmgtKMGT]?)?$")
+_MAILTO = re.compile(r"^mailto:[^@\s]+@[^@\s!]+", re.IGNORECASE)
 # Result ranks for combining several author domains: higher is stricter.
 _DISPOSITION_RANK = {"none": 0, "quarantine": 1, "reject": 2}
 _RESULT_RANK = {"pass": 0, "none": 1, "permerror": 2, "fail": 3, "temperror": 4}
@@ -60,7 +80,12 @@ class SpfLike(Protocol):
 
 
 class DmarcRecordError(ValueError):
-    """A TXT record at ``_dmarc.`` that is not a usable DMARC record."""
+    """A TXT record at ``_dmarc.`` that is not a usable DMARC record.
+
+    Discovery tells the two kinds apart before parsing: text without ``v=DMARC1``
+    is discarded (RFC 7489 §6.6.3 step 2); a ``v=DMARC1`` record with an invalid
+    ``p``/``sp`` and no valid ``rua`` means DMARC is not applied (step 6).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +101,16 @@ class DmarcRecord:
     rua: tuple[str, ...] = ()
     ruf: tuple[str, ...] = ()
     fo: str = "0"
+    # Why the record stands for "p=none" (RFC 7489 §6.6.3 step 6), e.g. "invalid
+    # sp=bogus"; "" for a record whose policies are valid.
+    as_p_none: str = ""
 
     def policy_for(self, *, subdomain: bool, nonexistent: bool) -> str:
-        """The policy that applies: ``np`` (non-existent subdomain), ``sp`` (subdomain), else ``p``."""
+        """The policy that applies: ``np`` (non-existent subdomain), ``sp`` (subdomain), else ``p``.
+
+        RFC 9091 §3.1: without ``np`` a non-existent subdomain gets ``sp`` if present,
+        else ``p``; RFC 7489 §6.3: without ``sp`` a subdomain gets ``p``.
+        """
         if subdomain and nonexistent and self.np:
             return self.np
         if subdomain and self.sp:
@@ -110,11 +142,28 @@ def _uris(value: str) -> tuple[str, ...]:
     return tuple(u.strip() for u in value.split(",") if u.strip())
 
 
-def parse_dmarc_record(text: str) -> DmarcRecord:
-    """Parse one DMARC TXT record (RFC 7489 §6.3); raise DmarcRecordError if it is not one.
+def valid_report_uri(uri: str) -> bool:
+    """True for a syntactically valid DMARC reporting URI (RFC 7489 §6.4 ``dmarc-uri``)."""
+    if not _URI.match(uri):
+        return False
+    return _MAILTO.match(uri) is not None if uri[:7].lower() == "mailto:" else True
 
-    Invalid optional tags fall back to their defaults (§6.3: "syntax errors in the
-    remainder of the record SHOULD be discarded in favor of default values").
+
+def _shown(value: str) -> str:
+    """A tag value from DNS, short enough to quote in a reason."""
+    value = value or "nothing"
+    return value if len(value) <= 20 else value[:17] + "..."
+
+
+def parse_dmarc_record(text: str) -> DmarcRecord:
+    """Parse one DMARC TXT record (RFC 7489 §6.3); raise DmarcRecordError if it is not usable.
+
+    Not usable: no ``v=DMARC1`` start, or an invalid ``p``/``sp`` without a valid
+    ``rua`` (§6.6.3 step 6.2). An invalid ``p``/``sp`` with a valid ``rua`` gives a
+    record "as if ... p=none was retrieved" (step 6.1): ``p="none"``, no ``sp``/``np``,
+    and ``as_p_none`` saying why. Other invalid tags fall back to their defaults
+    (§6.3: "syntax errors in the remainder of the record SHOULD be discarded in
+    favor of default values").
     """
     if not _DMARC_PREFIX.match(text):
         raise DmarcRecordError("record does not start with v=DMARC1")
@@ -126,12 +175,19 @@ def parse_dmarc_record(text: str) -> DmarcRecord:
             tags[name] = value.strip()
     rua = _uris(tags.get("rua", ""))
     p = tags.get("p", "").lower()
-    if p not in POLICIES:
-        if not rua:
-            raise DmarcRecordError(f"p= must be none, quarantine or reject, got {p or 'nothing'!r}")
-        p = "none"
     sp = tags.get("sp", "").lower()
     np = tags.get("np", "").lower()
+    # §6.6.3 step 6: an invalid p, or an sp that is present and invalid.
+    invalid = [f"p={_shown(p)}"] if p not in POLICIES else []
+    if "sp" in tags and sp not in POLICIES:
+        invalid.append(f"sp={_shown(sp)}")
+    as_p_none = ""
+    if invalid:
+        if not any(valid_report_uri(u) for u in rua):
+            raise DmarcRecordError(f"invalid {' and '.join(invalid)}, no valid rua")
+        # Step 6.1: act as if "v=DMARC1; p=none" was retrieved; reporting tags stay.
+        as_p_none = f"invalid {' and '.join(invalid)}, treated as p=none"
+        p, sp, np = "none", "", ""
     pct_text = tags.get("pct", "100")
     pct = int(pct_text) if pct_text.isdigit() and int(pct_text) <= 100 else 100
     adkim = tags.get("adkim", "r").lower()
@@ -146,6 +202,7 @@ def parse_dmarc_record(text: str) -> DmarcRecord:
         rua=rua,
         ruf=_uris(tags.get("ruf", "")),
         fo=tags.get("fo", "0") or "0",
+        as_p_none=as_p_none,
     )
 
 
@@ -246,15 +303,23 @@ class DmarcEvaluator:
             s.result == "pass" and aligned(s.domain, from_domain, record.adkim, self.psl) for s in dkim
         )
         subdomain = at_org and from_domain != org
-        nonexistent = False
-        if subdomain and record.np:
-            # RFC 9091 §4.1: the name does not exist; NXDOMAIN holds for every type.
-            nonexistent = (await self.resolver.query(from_domain, "A")).status == "nxdomain"
-        policy = record.policy_for(subdomain=subdomain, nonexistent=nonexistent)
+        policy = record.policy_for(subdomain=subdomain, nonexistent=False)
+        if subdomain and record.np and record.np != policy:
+            # RFC 9091 §3.1: np applies only to non-existent subdomains of the org
+            # domain (a record at the From domain itself never gets here).
+            exists = await self._exists(from_domain)
+            if exists is None and not (spf_aligned or dkim_aligned):
+                why = f"DNS failure deciding whether {from_domain} exists, for np="
+                return DmarcResult(
+                    "temperror", "", "none", from_domain, org, spf_aligned, dkim_aligned, why, record
+                )
+            if exists is False:
+                policy = record.policy_for(subdomain=True, nonexistent=True)
+        note = f"; {record.as_p_none}" if record.as_p_none else ""
 
         def result(word: str, disposition: str, reason: str) -> DmarcResult:
             return DmarcResult(
-                word, policy, disposition, from_domain, org, spf_aligned, dkim_aligned, reason, record
+                word, policy, disposition, from_domain, org, spf_aligned, dkim_aligned, reason + note, record
             )
 
         if spf_aligned or dkim_aligned:
@@ -276,6 +341,24 @@ class DmarcEvaluator:
             disposition = "quarantine" if policy == "reject" else "none"
         return result("fail", disposition, "no aligned spf or dkim pass")
 
+    async def _exists(self, domain: str) -> bool | None:
+        """Whether ``domain`` exists as RFC 9091 §2.1 defines it; None on a DNS failure.
+
+        §2.1: "a non-existent domain is a domain for which there is an NXDOMAIN or
+        NODATA response for A, AAAA, and MX records". NXDOMAIN for A already says
+        the name holds no records of any type (RFC 8020), so AAAA and MX are asked
+        only after a NODATA for A.
+        """
+        first = await self.resolver.query(domain, "A")
+        if first.is_temporary_error:
+            return None
+        if first.status != "nodata":
+            return first.status != "nxdomain"
+        rest = await asyncio.gather(self.resolver.query(domain, "AAAA"), self.resolver.query(domain, "MX"))
+        if any(a.is_temporary_error for a in rest):
+            return None
+        return not all(a.status in ("nxdomain", "nodata") for a in rest)
+
     async def _discover(self, from_domain: str, org: str) -> tuple[DmarcRecord, bool] | DmarcResult:
         """The record and whether it came from the org domain, or a final result (none/temperror/...)."""
 
@@ -287,13 +370,17 @@ class DmarcEvaluator:
             answer = await self.resolver.txt(f"_dmarc.{name}")
             if answer.is_temporary_error:
                 return final("temperror", f"DNS {answer.status} for _dmarc.{name}")
+            # §6.6.3 steps 2 and 4: records without v=DMARC1 are discarded.
             texts = _dmarc_records(answer) if answer.status == "ok" else []
             if len(texts) > 1:
+                # Step 5: several records end discovery; DMARC is not applied.
                 return final("none", f"{len(texts)} DMARC records at _dmarc.{name}: not applied")
             if len(texts) == 1:
+                # Step 3 asks the org domain only when the set is empty: a v=DMARC1
+                # record here decides, valid or not.
                 try:
                     return parse_dmarc_record(texts[0]), name != from_domain
-                except DmarcRecordError:
-                    # §6.6.3: an unusable record is as good as none; go on to the org domain.
-                    continue
+                except DmarcRecordError as err:
+                    # Step 6.2: invalid p/sp and no valid rua: no DMARC processing.
+                    return final("none", f"{err} at _dmarc.{name}: not applied")
         return final("none", "no DMARC record")

@@ -1,9 +1,11 @@
 """The configuration: one typed, validated model and the one place for every default.
 
 ``load_config(path)`` reads YAML, validates every key and raises ``ConfigError``
-listing every problem as ``key.path: expected ..., got ...``. Relative paths
-resolve against the folder of the config file (the current folder for the
-embedded defaults).
+listing every problem as ``key.path: expected ..., got ...`` (each line says
+"got" once). Relative paths resolve against the folder of the config file (the
+current folder for the embedded defaults); the files and folders they name are
+checked too (``paths``): a missing rules folder, TLS file or maildir parent
+stops the start instead of switching something off.
 
 The top-level ``Config`` lives here; its sections by area in ``sections``
 (serving), ``auth`` (SPF, DKIM, ARC, DMARC) and ``ratelimits``; ``base`` has
@@ -12,6 +14,7 @@ the error type and the section base class.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +24,7 @@ from pydantic import AfterValidator, Field, ValidationError, field_validator
 from smtpproxy.addresses import HostPort, parse_hostport
 from smtpproxy.config.auth import ArcConfig, DkimConfig, DmarcConfig, SpfConfig
 from smtpproxy.config.base import CidrList, ConfigError, DomainList, PositiveFloat, Section
+from smtpproxy.config.paths import DEFAULT_MAILDIR, check_paths
 from smtpproxy.config.ratelimits import (
     ClientNetPrefix,
     RateLimitConfig,
@@ -68,7 +72,7 @@ class Config(Section):
 
     listen: str = "127.0.0.1:2525"
     hostname: str = "localhost"
-    backend: str = "maildir:./var/mail"
+    backend: str = DEFAULT_MAILDIR
     backend_options: BackendOptions = BackendOptions()
     metrics: str | None = "127.0.0.1:9125"
     relay_domains: DomainList = []
@@ -80,7 +84,8 @@ class Config(Section):
     dkim: DkimConfig = DkimConfig()
     arc: ArcConfig = ArcConfig()
     dmarc: DmarcConfig = DmarcConfig()
-    rules: Path = Path("rules")
+    # The rules folder; null: no rules on purpose (a folder that does not exist is an error).
+    rules: Path | None = Path("rules")
     rules_options: RulesOptionsConfig = RulesOptionsConfig()
     scores: ScoresConfig = ScoresConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -137,7 +142,11 @@ class Config(Section):
             return value
         for scheme in ("smtp://", "smtps://"):
             if value.startswith(scheme):
-                parse_hostport(value[len(scheme) :].rstrip("/"))
+                try:
+                    parse_hostport(value[len(scheme) :].rstrip("/"))
+                except ValueError:
+                    # Quote the whole URL, not only the host:port part that failed.
+                    raise ValueError(f"expected {scheme}host:port (port 0..65535), got {value!r}") from None
                 return value
         raise ValueError("expected smtp://host:port, smtps://host:port or maildir:PATH")
 
@@ -164,14 +173,18 @@ class Config(Section):
         return None
 
     @property
-    def rules_path(self) -> Path:
-        """The rules folder, resolved."""
-        return self.path(self.rules)
+    def rules_path(self) -> Path | None:
+        """The rules folder, resolved; None for ``rules: null`` (no rules)."""
+        return None if self.rules is None else self.path(self.rules)
 
 
 def _describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# A message that already quotes what it got (our validators name the bad item of a list).
+_SAYS_GOT = re.compile(r"\bgot\b")
 
 
 def _format_errors(err: ValidationError) -> list[str]:
@@ -186,18 +199,28 @@ def _format_errors(err: ValidationError) -> list[str]:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         msg = msg[0].lower() + msg[1:] if msg else msg
-        problems.append(f"{loc}: {msg}, got {_describe(e.get('input'))}")
+        if not _SAYS_GOT.search(msg):
+            msg = f"{msg}, got {_describe(e.get('input'))}"
+        if f"{loc}: {msg}" not in problems:  # a union type repeats one complaint per member
+            problems.append(f"{loc}: {msg}")
     return problems
 
 
 def build_config(data: dict[str, Any], *, source: str = "<defaults>", base_dir: Path | None = None) -> Config:
-    """Validate a mapping into a Config, or raise ConfigError naming every bad key."""
+    """Validate a mapping into a Config, or raise ConfigError naming every bad key.
+
+    The files and folders it names are checked as well (``paths.check_paths``).
+    """
     if not isinstance(data, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of keys, got {_describe(data)}"])
     try:
-        return Config.model_validate({**data, "base_dir": base_dir or Path.cwd()})
+        config = Config.model_validate({**data, "base_dir": base_dir or Path.cwd()})
     except ValidationError as err:
         raise ConfigError(source, _format_errors(err)) from None
+    problems = check_paths(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
 
 
 # What `smtpproxy serve` runs on without --config: a newcomer's first look.

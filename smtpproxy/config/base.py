@@ -38,7 +38,7 @@ def _valid_cidrs(value: list[str]) -> list[str]:
         try:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
-            raise ValueError(f"expected CIDR networks like 10.0.0.0/8, not {item!r}") from None
+            raise ValueError(f"expected CIDR networks like 10.0.0.0/8, got {item!r}") from None
     return value
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from smtpproxy.addresses import parse_hostport
-from smtpproxy.config.base import PositiveFloat, PositiveInt, Section
+from smtpproxy.config.base import CidrList, PositiveFloat, PositiveInt, Section
 
 
 class LimitsConfig(Section):
@@ -57,23 +57,28 @@ class DnsConfig(Section):
     @field_validator("nameservers")
     @classmethod
     def _valid_nameservers(cls, value: list[str] | None) -> list[str] | None:
+        # Addresses only: a host name here would need a resolver to find the
+        # resolver, and every lookup (so every message) would fail with 451.
+        if value is not None and not value:
+            raise ValueError("expected at least one nameserver (or null for the system's resolv.conf)")
+        bad = []
         for item in value or []:
-            parse_hostport(item, default_port=53)
+            try:
+                ipaddress.ip_address(parse_hostport(item, default_port=53).host)
+            except ValueError:
+                bad.append(repr(item))
+        if bad:
+            raise ValueError(
+                f"expected nameserver IP addresses (IP, IP:port or [IPv6]:port), got {', '.join(bad)}"
+            )
         return value
 
 
 class ProxyProtocolConfig(Section):
     """PROXY protocol (v1/v2), accepted only from trusted networks (HAProxy, a load balancer)."""
 
-    trusted_networks: list[str] = []
+    trusted_networks: CidrList = []
     timeout: PositiveFloat = 5.0
-
-    @field_validator("trusted_networks")
-    @classmethod
-    def _valid_networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            ipaddress.ip_network(item, strict=False)
-        return value
 
 
 class BackendOptions(Section):
@@ -117,7 +122,10 @@ class ScoresConfig(Section):
         if value is None or (value.startswith("maildir:") and len(value) > len("maildir:")):
             return value
         if value.startswith("smtp://"):
-            parse_hostport(value[len("smtp://") :].rstrip("/"))
+            try:
+                parse_hostport(value[len("smtp://") :].rstrip("/"))
+            except ValueError:
+                raise ValueError(f"expected smtp://host:port (port 0..65535), got {value!r}") from None
             return value
         raise ValueError("expected maildir:PATH or smtp://host:port")
 
@@ -127,7 +135,7 @@ class ScoresConfig(Section):
         present = [(k, v) for k, v in steps if v is not None]
         for (k1, v1), (k2, v2) in itertools.pairwise(present):
             if v1 > v2:
-                raise ValueError(f"expected {k1} ({v1}) <= {k2} ({v2})")
+                raise ValueError(f"expected {k1} <= {k2}, got {k1} {v1} > {k2} {v2}")
         return self
 
 

@@ -19,7 +19,7 @@ from smtpproxy.metrics import Metrics
 from smtpproxy.ratelimit.limiter import RateLimiter
 from smtpproxy.ratelimit.memory import MemoryStore
 from smtpproxy.rules.check import DnsResolver, RulesCheck
-from smtpproxy.rules.loader import RulesError
+from smtpproxy.rules.loader import Problem, RulesError
 from smtpproxy.rules.ruleset import RuleSet, empty_ruleset, load_ruleset
 
 log = logging.getLogger("smtpproxy.rules")
@@ -30,9 +30,11 @@ MAX_WATCHED = 10_000  # files looked at per poll; a folder with more is watched 
 Snapshot = tuple[tuple[str, int, int], ...]
 
 
-def folder_snapshot(folder: Path) -> Snapshot:
-    """(path, mtime_ns, size) of every file under ``folder``; empty when it does not exist."""
+def folder_snapshot(folder: Path | None) -> Snapshot:
+    """(path, mtime_ns, size) of every file under ``folder``; empty when it does not exist (or is None)."""
     out: list[tuple[str, int, int]] = []
+    if folder is None:
+        return ()
     try:
         for path in folder.rglob("*"):
             if len(out) >= MAX_WATCHED:
@@ -48,6 +50,17 @@ def folder_snapshot(folder: Path) -> Snapshot:
     return tuple(sorted(out))
 
 
+def _load(folder: Path | None) -> RuleSet:
+    # None is the config's `rules: null`: no rules, on purpose. A folder that is
+    # gone (moved, deleted) is an error, so a reload keeps the old rules instead
+    # of switching filtering off.
+    if folder is None:
+        return empty_ruleset()
+    if not folder.exists():
+        raise RulesError([Problem(str(folder), 0, "", "no such folder (rules: null means no rules)")])
+    return load_ruleset(folder)
+
+
 def memory_limiter(metrics: Metrics, store: MemoryStore | None = None) -> RateLimiter:
     """A limiter with no configured limits on an in-memory store: for rules' ``ratelimit`` alone."""
     return RateLimiter([], store if store is not None else MemoryStore(OWN_LIMITER_KEYS), metrics)
@@ -57,12 +70,13 @@ class RulesEngine:
     """The rules of one App: ``current`` RuleSet, ``check`` to register, ``reload()`` and ``watch()``.
 
     ``limiter`` serves the ``ratelimit`` action; without one the engine uses
-    its own in-memory limiter (per process).
+    its own in-memory limiter (per process). ``folder`` None (``rules: null``)
+    means no rules: nothing to load, watch or reload.
     """
 
     def __init__(
         self,
-        folder: Path,
+        folder: Path | None,
         metrics: Metrics,
         *,
         resolver: DnsResolver | None = None,
@@ -82,7 +96,7 @@ class RulesEngine:
     def load(self) -> RuleSet:
         """Initial load: raise RulesError on a bad folder (the CLI exits 2)."""
         seen = folder_snapshot(self.folder)
-        ruleset = load_ruleset(self.folder)
+        ruleset = _load(self.folder)
         self._install(ruleset, seen)
         return ruleset
 
@@ -93,7 +107,12 @@ class RulesEngine:
         self.metrics.rules_loaded.set(len(ruleset))
         self.metrics.rules_last_reload.set(time.time())
         self.metrics.rule_reloads.labels("success").inc()
-        log.info("rules loaded: %d rules from %d files in %s", len(ruleset), len(ruleset.files), self.folder)
+        log.info(
+            "rules loaded: %d rules from %d files in %s",
+            len(ruleset),
+            len(ruleset.files),
+            self.folder or "nowhere (rules: null)",
+        )
 
     def _failed(self, err: RulesError, seen: Snapshot) -> None:
         self._seen = seen  # do not retry (and re-log) until the files change again
@@ -108,7 +127,7 @@ class RulesEngine:
         """Reload now (SIGHUP): True on success; on failure the old rules keep running."""
         seen = folder_snapshot(self.folder)
         try:
-            ruleset = load_ruleset(self.folder)
+            ruleset = _load(self.folder)
         except RulesError as err:
             self._failed(err, seen)
             return False
@@ -119,7 +138,7 @@ class RulesEngine:
         """Like reload(), compiling in a worker thread so big list files do not stall sessions."""
         seen = await asyncio.to_thread(folder_snapshot, self.folder)
         try:
-            ruleset = await asyncio.to_thread(load_ruleset, self.folder)
+            ruleset = await asyncio.to_thread(_load, self.folder)
         except RulesError as err:
             self._failed(err, seen)
             return False
@@ -132,7 +151,7 @@ class RulesEngine:
 
     async def watch(self, interval: float) -> None:
         """Poll the folder every ``interval`` seconds and reload on change; runs until cancelled."""
-        if interval <= 0:
+        if interval <= 0 or self.folder is None:
             return
         while True:
             await asyncio.sleep(interval)
