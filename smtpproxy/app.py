@@ -30,6 +30,7 @@ from smtpproxy.httpserver import MetricsServer
 from smtpproxy.logs import EventLog, flush_logs
 from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
+from smtpproxy.policy import Policy
 from smtpproxy.ratelimit.check import build_ratelimit_checks, build_ratelimiter
 from smtpproxy.ratelimit.session_limits import SessionLimits
 from smtpproxy.rules.engine import RulesEngine, build_rules_engine
@@ -89,6 +90,9 @@ class App:
         self.checks: list[Check] = self.build_checks()
         self.pipeline = Pipeline(
             self.checks, self.metrics, timeout=config.check_timeout, on_error=config.on_check_error
+        )
+        self.policy = Policy(
+            self.pipeline, self.session_limits, self.metrics, self.logs, config.hostname, self.forged_ar
         )
         self.connections: set[InboundSMTP] = set()
         self.draining = False

@@ -1,4 +1,4 @@
-"""``smtpproxy check``: one message through the same pipeline as the server, without a backend.
+"""``smtpproxy check``: one message through the same policy core as the server, without a backend.
 
 Prints a JSON object: the action and reply the client would get, the score,
 the rules that matched and why, the authentication results, and the header
@@ -14,11 +14,16 @@ from typing import Any
 
 from smtpproxy.app import App
 from smtpproxy.config import Config
-from smtpproxy.handler import DEFAULT_REJECT, DEFAULT_TEMPFAIL
 from smtpproxy.headers import received_header
-from smtpproxy.session import Recipient, Session, Transaction, new_id
-from smtpproxy.stages import Stage
-from smtpproxy.verdict import Action, HeaderEditKind, Reply, StageOutcome
+from smtpproxy.policy import Decision, SessionPolicy
+from smtpproxy.replies import NO_VALID_RECIPIENTS, OK
+from smtpproxy.session import Session, new_id
+from smtpproxy.verdict import HeaderEditKind, Reply
+
+# What the pretended backend answers: every command accepted, as a backend that
+# knows every recipient would.
+BACKEND_MAIL_OK = Reply(250, "2.1.0", "Ok")
+BACKEND_RCPT_OK = Reply(250, "2.1.5", "Ok")
 
 
 def _plain(value: Any) -> Any:
@@ -33,16 +38,58 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _result(outcome: StageOutcome, stage: Stage) -> dict[str, Any]:
-    reply = outcome.reply
-    if reply is None:
-        reply = DEFAULT_TEMPFAIL if outcome.action is Action.TEMPFAIL else DEFAULT_REJECT
-    return {
-        "action": outcome.action.word,
-        "stage": stage.value,
-        "reply": reply.render(),
-        "reason": outcome.decided_by,
-    }
+def _refused(decision: Decision, stage: str) -> dict[str, Any]:
+    assert decision.reply is not None
+    reply = decision.reply
+    return {"action": "tempfail" if reply.is_transient else "reject", "stage": stage, "reply": reply.render()}
+
+
+async def drive(
+    policy: SessionPolicy, message: bytes, helo: str, mail_from: str, rcpts: list[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """One session through the policy, a backend that accepts everything pretended.
+
+    Returns what was decided (action, stage, reply, reason), the recipients'
+    outcomes and the header fields delivery would add.
+    """
+    session = policy.session
+    decision = await policy.connect()
+    if not decision.forward:
+        return {**_refused(decision, "connect"), "reason": ""}, [], []
+    decision = await policy.helo(helo, esmtp=True)
+    if not decision.forward:
+        return {**_refused(decision, "helo"), "reason": ""}, [], []
+    decision = await policy.mail(mail_from, ())
+    if not decision.forward:
+        return {**_refused(decision, "mail"), "reason": ""}, [], []
+    policy.mail_answered(BACKEND_MAIL_OK)
+    rcpt_results: list[dict[str, Any]] = []
+    for address in rcpts:
+        decision = await policy.rcpt(address, ())
+        if decision.forward:
+            decision = policy.rcpt_answered(address, (), BACKEND_RCPT_OK)
+        if decision.forward:
+            rcpt_results.append({"rcpt": address, "action": "continue"})
+        else:
+            rcpt_results.append({"rcpt": address, **_refused(decision, "rcpt"), "reason": ""})
+    txn = policy.txn
+    if txn is None or not txn.recipients:
+        policy.end("rejected", "rcpt", "no_recipients", NO_VALID_RECIPIENTS)
+        return (
+            {"action": "reject", "stage": "rcpt", "reply": NO_VALID_RECIPIENTS.render(), "reason": ""},
+            rcpt_results,
+            [],
+        )
+    delivery = await policy.data(message)
+    decided = {"action": delivery.action.word, "stage": "data", "reason": delivery.reason}
+    if delivery.message is None:
+        assert delivery.reply is not None
+        policy.refused(delivery)
+        return {**decided, "reply": delivery.reply.render()}, rcpt_results, []
+    headers = [received_header(session, txn, policy.policy.hostname).decode("utf-8", "replace").rstrip()]
+    headers += [f"{e.name}: {e.value}" for e in delivery.header_edits if e.kind is HeaderEditKind.ADD]
+    policy.delivered(delivery, OK)
+    return {**decided, "reply": OK.render()}, rcpt_results, headers
 
 
 async def run_check(
@@ -58,66 +105,18 @@ async def run_check(
     app = App(config)
     try:
         message = raw_message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        session = Session(
-            new_id(), ipaddress.ip_address(client_ip), 0, "127.0.0.1", 25, helo=helo, esmtp=True
-        )
+        session = Session(new_id(), ipaddress.ip_address(client_ip), 0, "127.0.0.1", 25)
         if config.dns.reverse_lookup:
             session.rdns = await app.resolver.reverse_name(client_ip)
-        txn = Transaction(new_id(), mail_from)
-        decided: dict[str, Any] | None = None
-        outcome = await app.pipeline.run(Stage.CONNECT, session)
-        if outcome.action in (Action.REJECT, Action.TEMPFAIL):
-            decided = _result(outcome, Stage.CONNECT)
-        if decided is None:
-            outcome = await app.pipeline.run(Stage.HELO, session)
-            if outcome.action in (Action.REJECT, Action.TEMPFAIL):
-                decided = _result(outcome, Stage.HELO)
-        if decided is None:
-            outcome = await app.pipeline.run(Stage.MAIL, session, txn)
-            if outcome.action in (Action.REJECT, Action.TEMPFAIL):
-                decided = _result(outcome, Stage.MAIL)
-        rcpt_results = []
-        if decided is None:
-            for address in rcpts or ["postmaster@" + (config.relay_domains or ["localhost"])[0]]:
-                rcpt = Recipient(address)
-                o = await app.pipeline.run(Stage.RCPT, session, txn, rcpt)
-                if o.action in (Action.REJECT, Action.TEMPFAIL):
-                    rcpt_results.append({"rcpt": address, **_result(o, Stage.RCPT)})
-                else:
-                    txn.recipients.append(rcpt)
-                    rcpt_results.append({"rcpt": address, "action": "continue"})
-            if not txn.recipients:
-                decided = {
-                    "action": "reject",
-                    "stage": "rcpt",
-                    "reply": "554 5.5.1 No valid recipients",
-                    "reason": "",
-                }
-        headers_added: list[str] = []
-        if decided is None:
-            txn.message = message
-            outcome = await app.pipeline.run(Stage.DATA, session, txn)
-            if outcome.action in (Action.REJECT, Action.TEMPFAIL):
-                decided = _result(outcome, Stage.DATA)
-            else:
-                reply = Reply(250, "2.0.0", "Ok")
-                decided = {
-                    "action": "accept" if outcome.action is Action.CONTINUE else outcome.action.word,
-                    "stage": "data",
-                    "reply": reply.render(),
-                    "reason": outcome.decided_by,
-                }
-                headers_added.append(
-                    received_header(session, txn, config.hostname).decode("utf-8", "replace").rstrip()
-                )
-                headers_added += [
-                    f"{e.name}: {e.value}" for e in outcome.header_edits if e.kind is HeaderEditKind.ADD
-                ]
-        extras = txn.extras
+        policy = app.policy.session(session)
+        addresses = rcpts or ["postmaster@" + (config.relay_domains or ["localhost"])[0]]
+        decided, rcpt_results, headers_added = await drive(policy, message, helo, mail_from, addresses)
+        txn = policy.last
+        extras = txn.extras if txn is not None else {}
         return {
             **decided,
-            "score": txn.score,
-            "rules": list(txn.matched_rules),
+            "score": txn.score if txn is not None else 0.0,
+            "rules": list(txn.matched_rules) if txn is not None else [],
             "rule_matches": _plain(extras.get("rule_matches", [])),
             "recipients": rcpt_results,
             "spf": _plain(extras.get("spf")),

@@ -21,13 +21,12 @@ import time
 from collections.abc import Awaitable
 
 from smtpproxy.metrics import Metrics
+from smtpproxy.replies import INTERNAL_ERROR
 from smtpproxy.session import CheckResult, Recipient, Session, Transaction
 from smtpproxy.stages import Check, CheckOutcome, Stage
-from smtpproxy.verdict import Action, Reply, StageOutcome, Verdict
+from smtpproxy.verdict import Action, StageOutcome, Verdict
 
 log = logging.getLogger("smtpproxy.pipeline")
-
-INTERNAL_ERROR = Reply(451, "4.3.0", "Temporary internal error, please try again later")
 
 
 def order_checks(checks: list[Check]) -> list[Check]:

@@ -20,12 +20,9 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail, syntax
 
 from smtpproxy.dataread import DataProblem, read_data
 from smtpproxy.handler import ConnectionHandler
-from smtpproxy.pipeline import INTERNAL_ERROR
-from smtpproxy.replies import ERROR_KINDS, with_enhanced_code
+from smtpproxy.replies import ERROR_KINDS, INTERNAL_ERROR, with_enhanced_code
 from smtpproxy.session import Session, TlsInfo, new_id
-from smtpproxy.stages import Stage
 from smtpproxy.tls import handshake_failure_reason
-from smtpproxy.verdict import Action, Reply
 
 if TYPE_CHECKING:
     from smtpproxy.app import App
@@ -182,13 +179,11 @@ class InboundSMTP(SMTP):
 
     async def connect_stage(self) -> bool:
         """Run connect checks before the banner; False when the client was turned away."""
-        assert self.session_facts is not None
+        assert self.session_facts is not None and self.conn is not None
         self.app.start_rdns(self.session_facts)
-        outcome = await self.app.pipeline.run(Stage.CONNECT, self.session_facts)
-        if outcome.action in (Action.REJECT, Action.TEMPFAIL):
-            reply = outcome.reply or Reply(554, "5.7.1", "Connection refused by policy")
-            self.app.metrics.connections_rejected.labels(outcome.decided_by or "policy").inc()
-            await self.push(reply.render())
+        decision = await self.conn.policy.connect()
+        if decision.reply is not None:
+            await self.push(decision.reply.render())
             if self.transport is not None:
                 self.transport.close()
             return False
