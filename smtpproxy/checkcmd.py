@@ -14,16 +14,8 @@ from typing import Any
 
 from smtpproxy.app import App
 from smtpproxy.config import Config
-from smtpproxy.headers import received_header
-from smtpproxy.policy import Decision, SessionPolicy
-from smtpproxy.replies import NO_VALID_RECIPIENTS, OK
+from smtpproxy.policy.offline import OfflineResult, drive
 from smtpproxy.session import Session, new_id
-from smtpproxy.verdict import HeaderEditKind, Reply
-
-# What the pretended backend answers: every command accepted, as a backend that
-# knows every recipient would.
-BACKEND_MAIL_OK = Reply(250, "2.1.0", "Ok")
-BACKEND_RCPT_OK = Reply(250, "2.1.5", "Ok")
 
 
 def _plain(value: Any) -> Any:
@@ -38,58 +30,35 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _refused(decision: Decision, stage: str) -> dict[str, Any]:
-    assert decision.reply is not None
-    reply = decision.reply
-    return {"action": "tempfail" if reply.is_transient else "reject", "stage": stage, "reply": reply.render()}
-
-
-async def drive(
-    policy: SessionPolicy, message: bytes, helo: str, mail_from: str, rcpts: list[str]
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
-    """One session through the policy, a backend that accepts everything pretended.
-
-    Returns what was decided (action, stage, reply, reason), the recipients'
-    outcomes and the header fields delivery would add.
-    """
-    session = policy.session
-    decision = await policy.connect()
-    if not decision.forward:
-        return {**_refused(decision, "connect"), "reason": ""}, [], []
-    decision = await policy.helo(helo, esmtp=True)
-    if not decision.forward:
-        return {**_refused(decision, "helo"), "reason": ""}, [], []
-    decision = await policy.mail(mail_from, ())
-    if not decision.forward:
-        return {**_refused(decision, "mail"), "reason": ""}, [], []
-    policy.mail_answered(BACKEND_MAIL_OK)
-    rcpt_results: list[dict[str, Any]] = []
-    for address in rcpts:
-        decision = await policy.rcpt(address, ())
-        if decision.forward:
-            decision = policy.rcpt_answered(address, (), BACKEND_RCPT_OK)
-        if decision.forward:
-            rcpt_results.append({"rcpt": address, "action": "continue"})
-        else:
-            rcpt_results.append({"rcpt": address, **_refused(decision, "rcpt"), "reason": ""})
-    txn = policy.txn
-    if txn is None or not txn.recipients:
-        policy.end("rejected", "rcpt", "no_recipients", NO_VALID_RECIPIENTS)
-        return (
-            {"action": "reject", "stage": "rcpt", "reply": NO_VALID_RECIPIENTS.render(), "reason": ""},
-            rcpt_results,
-            [],
-        )
-    delivery = await policy.data(message)
-    decided = {"action": delivery.action.word, "stage": "data", "reason": delivery.reason}
-    if delivery.message is None:
-        assert delivery.reply is not None
-        policy.refused(delivery)
-        return {**decided, "reply": delivery.reply.render()}, rcpt_results, []
-    headers = [received_header(session, txn, policy.policy.hostname).decode("utf-8", "replace").rstrip()]
-    headers += [f"{e.name}: {e.value}" for e in delivery.header_edits if e.kind is HeaderEditKind.ADD]
-    policy.delivered(delivery, OK)
-    return {**decided, "reply": OK.render()}, rcpt_results, headers
+def report(result: OfflineResult) -> dict[str, Any]:
+    """The JSON object ``smtpproxy check`` prints for one session's result."""
+    txn = result.txn
+    extras = txn.extras if txn is not None else {}
+    recipients = [
+        {"rcpt": r.address, "action": "continue"}
+        if r.reply is None
+        else {
+            "rcpt": r.address,
+            "action": "tempfail" if r.reply.is_transient else "reject",
+            "reply": r.reply.render(),
+        }
+        for r in result.recipients
+    ]
+    return {
+        "action": result.action.word,
+        "stage": result.stage,
+        "reply": result.reply.render(),
+        "reason": result.reason,
+        "score": result.score,
+        "rules": result.rules,
+        "rule_matches": _plain(extras.get("rule_matches", [])),
+        "recipients": recipients,
+        "spf": _plain(extras.get("spf")),
+        "dkim": _plain(extras.get("dkim", [])),
+        "dmarc": _plain(extras.get("dmarc")),
+        "arc": _plain(extras.get("arc")),
+        "headers_added": result.headers_added,
+    }
 
 
 async def run_check(
@@ -108,23 +77,11 @@ async def run_check(
         session = Session(new_id(), ipaddress.ip_address(client_ip), 0, "127.0.0.1", 25)
         if config.dns.reverse_lookup:
             session.rdns = await app.resolver.reverse_name(client_ip)
-        policy = app.policy.session(session)
         addresses = rcpts or ["postmaster@" + (config.relay_domains or ["localhost"])[0]]
-        decided, rcpt_results, headers_added = await drive(policy, message, helo, mail_from, addresses)
-        txn = policy.last
-        extras = txn.extras if txn is not None else {}
-        return {
-            **decided,
-            "score": txn.score if txn is not None else 0.0,
-            "rules": list(txn.matched_rules) if txn is not None else [],
-            "rule_matches": _plain(extras.get("rule_matches", [])),
-            "recipients": rcpt_results,
-            "spf": _plain(extras.get("spf")),
-            "dkim": _plain(extras.get("dkim", [])),
-            "dmarc": _plain(extras.get("dmarc")),
-            "arc": _plain(extras.get("arc")),
-            "headers_added": headers_added,
-        }
+        result = await drive(
+            app.policy.session(session), message, helo=helo, mail_from=mail_from, rcpts=addresses
+        )
+        return report(result)
     finally:
         await app.close_checks()
         await app.resolver.close()

@@ -1,4 +1,4 @@
-"""Inline rule tests: the ``tests:`` of rule files, run through RulesCheck on built sessions.
+"""Inline rule tests: the ``tests:`` of rule files, run through the policy core on built sessions.
 
 A test gives a message (inline text, or ``{file: x.eml}`` relative to the rule
 file), envelope facts, the authentication results to assume, and what to
@@ -31,17 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smtpproxy.config import ScoresConfig
+from smtpproxy.auth.authresults import forged_filter
+from smtpproxy.config import ScoresConfig, SessionLimitsConfig
+from smtpproxy.logs import EventLog
 from smtpproxy.metrics import Metrics
+from smtpproxy.pipeline import Pipeline
+from smtpproxy.policy.core import Policy
+from smtpproxy.policy.offline import drive
 from smtpproxy.ratelimit.memory import MemoryStore
+from smtpproxy.ratelimit.session_limits import SessionLimits
 from smtpproxy.rules.check import DnsResolver
 from smtpproxy.rules.engine import RulesEngine, memory_limiter
 from smtpproxy.rules.loader import LList, LMap, Problem, describe, line_of
 from smtpproxy.rules.ruleset import RuleSet, TestBlock, load_ruleset
-from smtpproxy.rules.sessionstate import session_matches
-from smtpproxy.session import CheckResult, Recipient, Session, TlsInfo, Transaction, new_id
-from smtpproxy.stages import Stage
-from smtpproxy.verdict import Action, HeaderEdit, Verdict
+from smtpproxy.session import CheckResult, Session, TlsInfo, Transaction, new_id
+from smtpproxy.stages import Check, CheckOutcome
+from smtpproxy.verdict import Action, HeaderEdit
 
 TEST_KEYS = ("name", "message", "client_ip", "client_rdns", "helo", "tls", "mail_from", "rcpts")
 AUTH_KEYS = ("spf", "dkim", "dmarc", "arc", "dnsbl")
@@ -49,6 +54,7 @@ EXPECT_KEYS = ("action", "code", "enhanced", "rules", "rules_exact", "not_rules"
 ACTION_WORDS = {a.word: a for a in Action} | {"deliver": Action.CONTINUE}
 MAX_REPEAT = 1000
 TEST_LIMITER_KEYS = 1024  # slots of each test's own memory store
+TEST_HOSTNAME = "mx.test.invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,67 +260,54 @@ def _session(facts: dict[str, Any]) -> Session:
     return session
 
 
-def _verdict(value: Any) -> Verdict | None:
-    return value if isinstance(value, Verdict) else None
+class AssumedResults(Check):
+    """The authentication results a test assumes, recorded at MAIL as the auth checks would."""
+
+    name = "assumed"
+    pure = True
+    timed = False
+
+    def __init__(self, facts: dict[str, Any]) -> None:
+        self.facts = facts
+
+    async def mail(self, session: Session, txn: Transaction) -> CheckOutcome:
+        for method in ("spf", "dkim", "dmarc", "arc"):
+            if method in self.facts:
+                results = _auth(self.facts[method])
+                txn.extras[method] = results if method == "dkim" else results[0]
+                txn.results[method] = CheckResult(method, results[0].result if results else "none")
+        return None
 
 
-def _stop(outcome: Outcome, verdict: Verdict | None, stage: Stage) -> bool:
-    if verdict is None or not verdict.is_terminal:
-        return False
-    outcome.action = verdict.action
-    outcome.stage = stage.value
-    if verdict.reply is not None:
-        outcome.code, outcome.enhanced = verdict.reply.code, verdict.reply.enhanced
-    outcome.edits = verdict.header_edits
-    return True
+def case_policy(engine: RulesEngine, facts: dict[str, Any]) -> Policy:
+    """The policy core with the rules and the assumed results as its only checks."""
+    metrics = engine.metrics
+    pipeline = Pipeline([AssumedResults(facts), engine.check], metrics)
+    limits = SessionLimits(SessionLimitsConfig(), metrics)
+    return Policy(pipeline, limits, metrics, EventLog(), TEST_HOSTNAME, forged_filter(TEST_HOSTNAME))
 
 
-async def run_case(engine: RulesEngine, case: TestCase) -> Outcome:
-    """Drive one test message through every stage of RulesCheck, as the pipeline would."""
-    check, facts, outcome = engine.check, case.facts, Outcome()
-    session = _session(facts)
-    verdict = await check.connect(session)
-    if _stop(outcome, _verdict(verdict), Stage.CONNECT):
-        outcome.rules = [m["rule"] for m in session_matches(session)]
-        return outcome
-    session.helo = str(facts.get("helo", "mail.example.net"))
-    verdict = await check.helo(session)
-    if _stop(outcome, _verdict(verdict), Stage.HELO):
-        outcome.rules = [m["rule"] for m in session_matches(session)]
-        return outcome
-    txn = Transaction(new_id(), str(facts.get("mail_from", "sender@example.net")))
-    for method in ("spf", "dkim", "dmarc", "arc"):
-        if method in facts:
-            results = _auth(facts[method])
-            txn.extras[method] = results if method == "dkim" else results[0]
-            txn.results[method] = CheckResult(method, results[0].result if results else "none")
-    if not _stop(outcome, _verdict(await check.mail(session, txn)), Stage.MAIL):
-        accepted = False
-        for address in facts.get("rcpts", ["user@example.org"]):
-            rcpt = Recipient(str(address))
-            verdict = _verdict(await check.rcpt(session, txn, rcpt))
-            if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
-                _stop(outcome, verdict, Stage.RCPT)  # this recipient is refused; the others go on
-                continue
-            txn.recipients.append(rcpt)
-            if _stop(outcome, verdict, Stage.RCPT):
-                accepted = True  # an ACCEPT skips the later stages, as in the pipeline
-                break
-        if txn.recipients and not accepted:
-            txn.message = case.message
-            data_outcome = Outcome()
-            verdict = _verdict(await check.data(session, txn))
-            if not _stop(data_outcome, verdict, Stage.DATA) and verdict is not None:
-                data_outcome.edits = verdict.header_edits
-            outcome.action, outcome.code, outcome.enhanced = (
-                data_outcome.action,
-                data_outcome.code,
-                data_outcome.enhanced,
-            )
-            outcome.stage, outcome.edits = data_outcome.stage, data_outcome.edits
-    outcome.rules = list(dict.fromkeys(txn.matched_rules))
-    outcome.score = txn.score
-    return outcome
+async def run_case(engine: RulesEngine, case: TestCase, policy: Policy | None = None) -> Outcome:
+    """Drive one test message through the policy core, as a client would through the proxy."""
+    facts = case.facts
+    policy = policy or case_policy(engine, facts)
+    result = await drive(
+        policy.session(_session(facts)),
+        case.message,
+        helo=str(facts.get("helo", "mail.example.net")),
+        mail_from=str(facts.get("mail_from", "sender@example.net")),
+        rcpts=[str(a) for a in facts.get("rcpts", ["user@example.org"])],
+    )
+    refused = result.action in (Action.REJECT, Action.TEMPFAIL)
+    return Outcome(
+        action=result.action,
+        code=result.reply.code if refused else None,
+        enhanced=result.reply.enhanced if refused else "",
+        stage=result.stage,
+        rules=result.rules,
+        edits=result.header_edits,
+        score=result.score,
+    )
 
 
 def check_expectations(case: TestCase, outcome: Outcome) -> list[str]:
@@ -359,8 +352,9 @@ async def run_rule_tests_async(
         for case in cases:
             # Each test counts alone, and time stands still: repeat N is exact.
             engine.limiter = memory_limiter(engine.metrics, MemoryStore(TEST_LIMITER_KEYS, clock=lambda: 0.0))
+            policy = case_policy(engine, case.facts)
             for _ in range(case.repeat):
-                outcome = await run_case(engine, case)
+                outcome = await run_case(engine, case, policy)
             results.append(
                 TestResult(case.file, case.line, case.name, check_expectations(case, outcome), outcome)
             )
