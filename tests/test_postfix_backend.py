@@ -134,6 +134,28 @@ async def test_xclient_client_helo_is_what_postfix_judges_and_logs(
     assert b"Received: from good.helo.example (unknown [127.0.0.3])" in message.content
 
 
+async def test_xclient_helo_refused_at_ehlo_is_mirrored_at_mail(
+    postfix_backend: PostfixInstance, start_proxy: Any
+) -> None:
+    pf = postfix_backend
+    # smtpd_delay_reject = no: Postfix refuses the HELO at the EHLO after XCLIENT.
+    await _reload(
+        pf,
+        smtpd_delay_reject="no",
+        smtpd_helo_required="yes",
+        smtpd_helo_restrictions="check_helo_access inline:{bad.helo.example=REJECT}",
+    )
+    proxy = await _proxy(start_proxy, pf, forward_client="xclient")
+    async with ClientFrom(proxy.host, proxy.port, "127.0.0.2") as c:
+        await c.connect()
+        assert (await c.cmd("EHLO bad.helo.example")).code == 250
+        r = await c.cmd(f"MAIL FROM:<{SENDER}>")
+        assert r.code == 554 and "Helo command rejected" in r.text, r
+        assert (await c.cmd("RSET")).code == 250
+    _queued(await _send(proxy, "127.0.0.2", helo="good.helo.example"))
+    assert len(pf.wait_delivered(1)) == 1
+
+
 # -- XFORWARD: per transaction, on shared pooled connections ------------------------------
 
 
