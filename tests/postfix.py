@@ -40,10 +40,18 @@ Why the settings are there:
   User unknown``, ``smtpd_reject_unlisted_recipient`` is the default).
 - ``mydestination =`` and ``local_transport``/``default_transport``/
   ``relay_transport = error:...``: nothing is ever delivered locally or
-  relayed; a message Postfix *would* relay is bounced by the ``error``
-  transport, which the log shows (``status=bounced``); the bounce itself goes
-  nowhere (``bounce_notice_recipient`` stays local, which is an error too, and
-  ``2bounce`` is discarded with ``notify_classes =``).
+  relayed. Postfix refuses a recipient that resolves to the ``error``
+  transport already at RCPT, with our text: ``550 5.7.1 <x@elsewhere.example>:
+  Recipient address rejected: test instance: relaying disabled`` in the reply
+  and the log means Postfix *would* have relayed it (for a client it does not
+  trust, the refusal is ``Relay access denied`` instead). ``notify_classes =``
+  keeps the postmaster notices from going anywhere.
+- ``smtpd_client_connection_*_limit = 0``: tests open many connections from
+  127/8 in bursts; anvil must not throttle them.
+
+``postfix start`` takes 2-3 s here (it runs ``postfix check`` first) and a
+reload about 2 s, so the fixture starts one instance per test module and
+reloads only after a test that changed settings (``configure``).
 """
 
 from __future__ import annotations

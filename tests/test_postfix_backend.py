@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import smtplib
 from typing import Any
 
 import pytest
@@ -292,3 +293,28 @@ async def test_two_postfix_instances_run_side_by_side(
     finally:
         await asyncio.to_thread(second.cleanup)
     assert postfix_backend.running and not second.root.exists()
+
+
+def _direct_relay_attempt(pf: PostfixInstance, xclient_addr: str | None) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", pf.port, timeout=10) as s:
+        s.ehlo("direct.test")
+        if xclient_addr is not None:
+            assert s.docmd("XCLIENT", f"ADDR={xclient_addr}")[0] == 220
+            s.ehlo("direct.test")
+        assert s.mail(SENDER)[0] == 250
+        return s.rcpt("x@elsewhere.example")
+
+
+async def test_fixture_relays_nothing_and_the_log_shows_what_would_have_been(
+    postfix_backend: PostfixInstance,
+) -> None:
+    pf = postfix_backend
+    mark = pf.log_mark()
+    # Trusted (mynetworks): Postfix would relay; the error transport refuses it with our text.
+    code, text = await asyncio.to_thread(_direct_relay_attempt, pf, None)
+    assert code == 550 and b"relaying disabled" in text
+    # Untrusted: an ordinary relay refusal.
+    code, text = await asyncio.to_thread(_direct_relay_attempt, pf, "192.0.2.1")
+    assert code == 454 and b"Relay access denied" in text  # defer_unauth_destination
+    pf.wait_for_log(r"RCPT from localhost\[127\.0\.0\.1\]: 550 5\.7\.1 .*relaying disabled", since=mark)
+    assert pf.delivered() == []
