@@ -2,12 +2,15 @@
 """Throughput and added latency of the proxy versus direct-to-sink, in one run.
 
     .venv/bin/python bench/core_bench.py [--messages 2000] [--sessions 1,20,100] [--rounds 3]
+        [--postfix-backend] [--config-extra '{"backend_options": {"forward_client": "xclient"}}']
 
 The sink is Postfix's ``smtp-sink`` when installed (else a built-in asyncio
 sink); the load is Postfix's ``smtp-source`` (one new connection per message,
 2 KB messages) when installed, else a built-in async generator. Latency
 percentiles always come from the built-in generator (smtp-source reports
-none). Prints medians over rounds and the proxy/direct ratios, plus the
+none). ``--postfix-backend`` puts a private real Postfix (``tests/postfix.py``,
+mail discarded after the queue) in the sink's place, for what smtp-sink cannot
+do (XCLIENT, XFORWARD). Prints medians over rounds and the proxy/direct ratios, plus the
 proxy's peak RSS with 100 sessions sending 1 MB messages.
 """
 
@@ -30,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.dnsserver import DnsServer  # noqa: E402
+from tests.postfix import PostfixInstance  # noqa: E402
 from tests.procs import ProxyProcess, free_port, tool, wait_port  # noqa: E402
 
 # The checks of the proxy core (relay domains, limits) only; "all" adds SPF, DKIM,
@@ -215,11 +219,22 @@ async def main() -> None:
         action="store_true",
         help="instead: throughput of workers: 2 / workers: 1 (20 and 50 sessions)",
     )
+    ap.add_argument(
+        "--postfix-backend",
+        action="store_true",
+        help="a private real Postfix as the backend (XCLIENT, XFORWARD)",
+    )
     args = ap.parse_args()
     dns = DnsServer({})
     dns.start()
     sink = await Sink().start()
     use_postfix, sink_port = sink.postfix, sink.port
+    postfix: PostfixInstance | None = None
+    if args.postfix_backend:
+        postfix = PostfixInstance()
+        postfix.configure(virtual_transport="discard:bench")
+        await asyncio.to_thread(postfix.start)
+        sink_port = postfix.port
     tmp = Path(tempfile.mkdtemp(prefix="smtpproxy-bench-"))
     config = {
         "backend": f"smtp://127.0.0.1:{sink_port}",
@@ -237,6 +252,8 @@ async def main() -> None:
         finally:
             sink.stop()
             dns.stop()
+            if postfix is not None:
+                postfix.cleanup()
         return
     proxy = ProxyProcess(tmp, config).start()
     assert proxy.proc is not None
@@ -272,6 +289,8 @@ async def main() -> None:
         proxy.stop()
         sink.stop()
         dns.stop()
+        if postfix is not None:
+            postfix.cleanup()
     print(json.dumps(results, indent=2))
 
 

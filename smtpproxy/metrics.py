@@ -136,7 +136,8 @@ class Metrics:
         )
         self.backend_errors = Counter(
             "smtpproxy_backend_errors",
-            "Backend failures by kind (connect, timeout, tls, protocol, disconnected).",
+            "Backend failures by kind (connect, timeout, tls, protocol, disconnected, pool_exhausted, "
+            "identity: XCLIENT/XFORWARD not offered or refused, tls_required: no TLS with require_tls).",
             ["kind"],
             registry=r,
         )

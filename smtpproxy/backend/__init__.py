@@ -22,6 +22,12 @@ TIMED_OUT = Reply(451, "4.4.2", "Backend mail server timed out, please try again
 TLS_FAILED = Reply(451, "4.3.0", "TLS to the backend mail server failed, please try again later")
 GARBLED = Reply(451, "4.3.0", "Backend mail server protocol error, please try again later")
 BUSY = Reply(451, "4.3.0", "Backend mail server busy, please try again later")
+# Refused rather than sent under the proxy's own identity or in plaintext
+# (DESIGN.md: the backend believes the right client; backend TLS cannot be stripped).
+IDENTITY_REFUSED = Reply(
+    451, "4.3.0", "Backend mail server does not accept the client's identity, please try again later"
+)
+TLS_REQUIRED = Reply(451, "4.3.0", "Backend mail server does not offer TLS, please try again later")
 
 
 @dataclass(frozen=True, slots=True)

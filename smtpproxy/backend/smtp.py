@@ -3,7 +3,9 @@
 A connection is taken from the pool at MAIL and given back after the
 transaction (RSET when it ended early). Every command has a timeout; every
 transport failure becomes a 4xx reply for the client and the connection is
-thrown away, never reused in an unknown state.
+thrown away, never reused in an unknown state. A connection that carried a
+client's XCLIENT identity is never pooled (see ``forward``); with
+``require_tls`` no transaction goes over a connection without TLS.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ import aiosmtplib
 from aiosmtplib.errors import (
     SMTPConnectResponseError,
     SMTPException,
+    SMTPResponseException,
 )
 
 from smtpproxy.addresses import parse_hostport
 from smtpproxy.backend import (
     BUSY,
     GARBLED,
-    TLS_FAILED,
+    IDENTITY_REFUSED,
     UNREACHABLE,
     ClientFacts,
 )
-from smtpproxy.backend.wire import StartTlsFailed, failure, wire_content, xtext
+from smtpproxy.backend.forward import client_attributes, ehlo_name
+from smtpproxy.backend.wire import IdentityRefused, StartTlsFailed, TlsRequired, failure, wire_content
 from smtpproxy.config import BackendOptions
 from smtpproxy.metrics import Metrics
 from smtpproxy.verdict import Reply
@@ -48,6 +52,10 @@ class _Connection:
         self.client = client
         self.idle_since = time.monotonic()
         self.transactions = 0
+        # The client this connection was made to stand for with XCLIENT: the
+        # backend believes it for the rest of the session, so the connection
+        # serves that one transaction and is closed, never pooled.
+        self.identity: ClientFacts | None = None
 
     @property
     def alive(self) -> bool:
@@ -105,17 +113,17 @@ class SmtpTransaction:
         return reply
 
     async def mail(self, sender: str, params: list[str]) -> Reply:
-        """MAIL FROM, preceded by XFORWARD when configured and offered."""
+        """MAIL FROM, preceded by XFORWARD when configured (``begin`` made sure it is offered)."""
         self.state = "mail"
-        client = self.conn.client
-        if self.backend.options.forward_client == "xforward" and client.supports_extension("xforward"):
-            attrs = [f"ADDR={xtext(self.client.ip)}", f"PROTO={'ESMTP' if self.client.esmtp else 'SMTP'}"]
-            attrs.append(f"NAME={xtext(self.client.rdns) if self.client.rdns else '[UNAVAILABLE]'}")
-            if self.client.helo:
-                attrs.append(f"HELO={xtext(self.client.helo)}")
-            reply = await self._command("xforward", b"XFORWARD", *(a.encode() for a in attrs))
+        if self.backend.options.forward_client == "xforward":
+            # The complete set every time: nothing of an earlier client on this
+            # pooled connection may survive into this transaction.
+            reply = await self._command("xforward", b"XFORWARD", *client_attributes(self.client))
             if not reply.is_positive:
-                return reply if reply.is_transient else Reply(451, "4.3.0", "Backend refused XFORWARD")
+                if not self.broken:
+                    self.backend.metrics.backend_errors.labels("identity").inc()
+                    log.warning("backend refused XFORWARD: %s", reply.render())
+                return reply if reply.is_transient else IDENTITY_REFUSED
         addr = f"FROM:<{sender}>".encode("utf-8", "surrogateescape")
         return await self._command("mail", b"MAIL", addr, *(p.encode("ascii", "replace") for p in params))
 
@@ -170,6 +178,7 @@ class SmtpBackend:
         self.helo_name = options.helo_name or hostname
         self.metrics = metrics
         self._idle: deque[_Connection] = deque()
+        self._quitting: set[asyncio.Task[None]] = set()
         self._open = 0
         self._slots = asyncio.Semaphore(options.pool_size)
         self._tls_context = ssl.create_default_context()
@@ -196,34 +205,50 @@ class SmtpBackend:
     async def _connect(self) -> _Connection:
         opts = self.options
         client = self._client(opts.connect_timeout)
+        # require_tls implies STARTTLS whatever ``starttls`` says: it is the
+        # Postfix ``smtp_tls_security_level = encrypt`` of our side.
+        want_tls = opts.starttls or opts.require_tls
         try:
             await client.connect()
             await client.ehlo(timeout=opts.command_timeout)
-            if opts.starttls and not self.implicit_tls and client.supports_extension("starttls"):
+            if want_tls and not self.implicit_tls and client.supports_extension("starttls"):
                 try:
                     await client.starttls(tls_context=self._tls_context, timeout=opts.command_timeout)
                     await client.ehlo(timeout=opts.command_timeout)
                 except (SMTPException, OSError) as err:
                     # aiosmtplib reports a failed handshake as a lost connection.
                     raise StartTlsFailed(f"STARTTLS failed: {type(err).__name__}: {err}") from err
+            if opts.require_tls and client.get_transport_info("sslcontext") is None:
+                # Someone on the path may have removed STARTTLS from the EHLO
+                # reply: no transaction in plaintext then.
+                raise TlsRequired("require_tls is set and the backend did not offer STARTTLS")
         except BaseException:
             client.close()
             raise
         self.metrics.backend_up.set(1)
         return _Connection(client)
 
-    async def _xclient(self, conn: _Connection, facts: ClientFacts) -> None:
-        """XCLIENT makes the backend see the original client; it answers a new greeting."""
-        attrs = [f"ADDR={xtext(facts.ip)}", f"PROTO={'ESMTP' if facts.esmtp else 'SMTP'}"]
-        attrs.append(f"NAME={xtext(facts.rdns) if facts.rdns else '[UNAVAILABLE]'}")
-        if facts.helo:
-            attrs.append(f"HELO={xtext(facts.helo)}")
-        response = await conn.client.execute_command(
-            b"XCLIENT", *(a.encode() for a in attrs), timeout=self.options.command_timeout
-        )
+    async def _xclient(self, conn: _Connection, facts: ClientFacts) -> Reply | None:
+        """XCLIENT makes the backend see the original client; it answers a new greeting.
+
+        The EHLO that follows carries the client's HELO (``ehlo_name``): the
+        backend's HELO restrictions and log must see the client's, not ours.
+        Returns the backend's refusal of that HELO, to be given to the client.
+        """
+        if not conn.client.supports_extension("xclient"):
+            raise IdentityRefused("forward_client is xclient and the backend does not offer XCLIENT")
+        conn.identity = facts
+        timeout = self.options.command_timeout
+        response = await conn.client.execute_command(b"XCLIENT", *client_attributes(facts), timeout=timeout)
         if response.code != 220:
-            raise SMTPException(f"XCLIENT refused: {response.code} {response.message}")
-        await conn.client.ehlo(timeout=self.options.command_timeout)
+            raise IdentityRefused(f"XCLIENT refused: {response.code} {response.message}")
+        try:
+            await conn.client.ehlo(hostname=ehlo_name(facts), timeout=timeout)
+        except SMTPResponseException as err:
+            if not 400 <= err.code <= 599 or err.code == 421:
+                raise
+            return Reply.parse(err.code, err.message)
+        return None
 
     async def begin(self, client: ClientFacts, needs: frozenset[str]) -> SmtpTransaction | Reply:
         """A connection ready for MAIL, or the 4xx reply for the client."""
@@ -233,36 +258,60 @@ class SmtpBackend:
         except TimeoutError:
             self.metrics.backend_errors.labels("pool_exhausted").inc()
             return BUSY
+        refused: Reply | None = None
         try:
             conn, reused = await self._take()
-            if self.options.forward_client == "xclient" and conn.client.supports_extension("xclient"):
-                try:
-                    await self._xclient(conn, client)
-                except BaseException:
-                    self._open -= 1
-                    conn.close()
-                    raise
+            try:
+                refused = await self._forward_identity(conn, client)
+            except BaseException:
+                self._open -= 1
+                conn.close()
+                raise
         except BaseException as err:
             self._slots.release()
             self._gauge()
             if not isinstance(err, Exception):
                 raise
-            kind, _ = failure(err)
-            reply = TLS_FAILED if kind == "tls" else UNREACHABLE
-            if isinstance(err, SMTPConnectResponseError):
-                reply = Reply(
-                    451, "4.4.1", "Backend mail server refused the connection, please try again later"
-                )
-            self.metrics.backend_errors.labels("tls" if kind == "tls" else "connect").inc()
-            self.metrics.backend_up.set(0)
-            log.warning("backend %s:%d unavailable: %s: %s", self.host, self.port, type(err).__name__, err)
-            return reply
+            return self._unavailable(err)
         self._gauge()
+        if refused is not None:
+            self.release(conn)
+            return refused
         problem = self._unsupported(conn, needs)
         if problem is not None:
             self.release(conn)
             return problem
         return SmtpTransaction(self, conn, client, reused)
+
+    async def _forward_identity(self, conn: _Connection, client: ClientFacts) -> Reply | None:
+        """Make the backend see ``client`` on ``conn``, or raise ``IdentityRefused``.
+
+        Never sends mail under the proxy's own identity when forwarding is
+        configured: a backend not offering the command gets no transaction.
+        """
+        forward = self.options.forward_client
+        if forward == "xclient":
+            return await self._xclient(conn, client)
+        if forward == "xforward" and not conn.client.supports_extension("xforward"):
+            raise IdentityRefused("forward_client is xforward and the backend does not offer XFORWARD")
+        return None
+
+    def _unavailable(self, err: Exception) -> Reply:
+        """Count and log why no connection is ready; the client's 4xx."""
+        kind, reply = failure(err)
+        if kind in ("identity", "tls_required"):
+            # The backend is up but must not get this mail: refused, not "unreachable".
+            self.metrics.backend_errors.labels(kind).inc()
+            log.warning("backend %s:%d refused for this transaction: %s", self.host, self.port, err)
+            return reply
+        if kind != "tls":
+            kind, reply = "connect", UNREACHABLE
+        if isinstance(err, SMTPConnectResponseError):
+            reply = Reply(451, "4.4.1", "Backend mail server refused the connection, please try again later")
+        self.metrics.backend_errors.labels(kind).inc()
+        self.metrics.backend_up.set(0)
+        log.warning("backend %s:%d unavailable: %s: %s", self.host, self.port, type(err).__name__, err)
+        return reply
 
     def _unsupported(self, conn: _Connection, needs: frozenset[str]) -> Reply | None:
         # Forwarding 8-bit or UTF-8 content to a backend that does not accept it
@@ -295,14 +344,30 @@ class SmtpBackend:
         return response.code == 250
 
     def release(self, conn: _Connection) -> None:
-        """Put a healthy connection back for the next transaction."""
+        """Put a healthy connection back for the next transaction (closed if it carried an identity)."""
         conn.idle_since = time.monotonic()
-        if conn.alive:
+        if conn.alive and conn.identity is None:
             self._idle.append(conn)
         else:
             self._open -= 1
+            if conn.alive:
+                self._quit_later(conn)
         self._slots.release()
         self._gauge()
+
+    def _quit_later(self, conn: _Connection) -> None:
+        """QUIT politely without making the client wait for it."""
+
+        async def quit_() -> None:
+            try:
+                with contextlib.suppress(SMTPException, OSError):
+                    await conn.client.quit(timeout=2.0)
+            finally:
+                conn.close()
+
+        task = asyncio.get_running_loop().create_task(quit_())
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
 
     def discard(self, conn: _Connection) -> None:
         """Throw away a connection in an unknown state."""
@@ -345,9 +410,11 @@ class SmtpBackend:
             conn.close()
 
     async def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection (and wait for the QUITs under way)."""
         for conn in self._idle:
             conn.close()
         self._open -= len(self._idle)
         self._idle.clear()
         self._gauge()
+        if self._quitting:
+            await asyncio.gather(*self._quitting, return_exceptions=True)

@@ -7,7 +7,15 @@ import ssl
 
 from aiosmtplib.errors import SMTPConnectTimeoutError, SMTPServerDisconnected, SMTPTimeoutError
 
-from smtpproxy.backend import DROPPED, GARBLED, TIMED_OUT, TLS_FAILED, UNREACHABLE
+from smtpproxy.backend import (
+    DROPPED,
+    GARBLED,
+    IDENTITY_REFUSED,
+    TIMED_OUT,
+    TLS_FAILED,
+    TLS_REQUIRED,
+    UNREACHABLE,
+)
 from smtpproxy.verdict import Reply
 
 _BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
@@ -28,6 +36,14 @@ class StartTlsFailed(Exception):
     """The backend offered STARTTLS and the upgrade failed."""
 
 
+class TlsRequired(Exception):
+    """``require_tls`` is set and the backend did not offer STARTTLS (stripped, or never there)."""
+
+
+class IdentityRefused(Exception):
+    """``forward_client`` is set and the backend does not offer or refused XCLIENT/XFORWARD."""
+
+
 def failure(err: BaseException) -> tuple[str, Reply]:
     """Classify a transport failure: (metrics kind, reply for the client)."""
     if isinstance(err, SMTPConnectTimeoutError):
@@ -36,6 +52,10 @@ def failure(err: BaseException) -> tuple[str, Reply]:
         return "timeout", TIMED_OUT
     if isinstance(err, ssl.SSLError | StartTlsFailed):
         return "tls", TLS_FAILED
+    if isinstance(err, TlsRequired):
+        return "tls_required", TLS_REQUIRED
+    if isinstance(err, IdentityRefused):
+        return "identity", IDENTITY_REFUSED
     if isinstance(err, SMTPServerDisconnected | ConnectionError):
         return "disconnected", DROPPED
     return "protocol", GARBLED

@@ -89,6 +89,9 @@ class BackendOptions(Section):
     data_timeout: PositiveFloat = 300.0
     tls_verify: bool = True
     starttls: bool = True  # use STARTTLS when the backend offers it
+    # Refuse (451 4.3.0) rather than send without TLS: STARTTLS missing from the
+    # backend's EHLO (stripped on the path), a failed handshake, no smtps://.
+    require_tls: bool = False
     pool_size: PositiveInt = 64  # most connections kept open at once
     pool_idle_timeout: PositiveFloat = 30.0
     forward_client: Literal["none", "xclient", "xforward"] = "none"
