@@ -61,12 +61,14 @@ class Decision:
     ``reply`` None means: pass the command on to the backend and answer with
     the backend's own reply. ``delay``: wait that long before answering (the
     tarpit). ``needs``: at MAIL, the extensions the backend must offer.
+    ``reason``: the check, rule or limit that refused (logs and reports).
     """
 
     reply: Reply | None = None
     disconnect: bool = False
     delay: float = 0.0
     needs: frozenset[str] = frozenset()
+    reason: str = ""
 
     @property
     def forward(self) -> bool:
@@ -146,7 +148,8 @@ class SessionPolicy:
         outcome = await self.policy.pipeline.run(Stage.CONNECT, self.session)
         if outcome.action in _REFUSING:
             self.policy.metrics.connections_rejected.labels(outcome.decided_by or "policy").inc()
-            return Decision(outcome.reply or replies.CONNECTION_REFUSED, disconnect=True)
+            reason = outcome.decided_by or "policy"
+            return Decision(outcome.reply or replies.CONNECTION_REFUSED, disconnect=True, reason=reason)
         return FORWARD
 
     async def helo(self, name: str, *, esmtp: bool) -> Decision:
@@ -168,14 +171,14 @@ class SessionPolicy:
     async def mail(self, sender: str, params: tuple[str, ...]) -> Decision:
         """MAIL FROM (``sender`` without brackets, "" for the null sender)."""
         if _CONTROL_CHARS.search(sender):
-            return Decision(replies.BAD_SENDER)
+            return Decision(replies.BAD_SENDER, reason="syntax")
         txn = Transaction(new_id(), sender, params)
         limits = self.policy.session_limits
         limited = limits.on_transaction(self.session) or limits.duration_exceeded(
             self.session, time.monotonic()
         )
         if limited is not None and limited.reply is not None:
-            return Decision(limited.reply, disconnect=True)
+            return Decision(limited.reply, disconnect=True, reason=limited.reasons[0])
         outcome = await self.policy.pipeline.run(Stage.MAIL, self.session, txn)
         if outcome.action in _REFUSING:
             reply = outcome.reply or replies.default_reply(outcome.action)
@@ -204,19 +207,19 @@ class SessionPolicy:
         """RCPT TO: refuse it here, or pass it on to the backend."""
         txn = self.txn
         if txn is None:
-            return Decision(replies.NEED_MAIL)
+            return Decision(replies.NEED_MAIL, reason="syntax")
         if _CONTROL_CHARS.search(address):
-            return Decision(replies.BAD_RECIPIENT)
+            return Decision(replies.BAD_RECIPIENT, reason="syntax")
         limited = self.policy.session_limits.duration_exceeded(self.session, time.monotonic())
         if limited is not None and limited.reply is not None:
-            return Decision(limited.reply, disconnect=True)
+            return Decision(limited.reply, disconnect=True, reason=limited.reasons[0])
         outcome = await self.policy.pipeline.run(Stage.RCPT, self.session, txn, Recipient(address, params))
         if outcome.action in _REFUSING:
             reply = outcome.reply or replies.default_reply(outcome.action)
             counted = self._count_rcpt(address, reply)
             if counted.reply is not None:
                 return counted
-            return Decision(reply, disconnect=outcome.disconnect, delay=counted.delay)
+            return Decision(reply, outcome.disconnect, counted.delay, reason=outcome.decided_by)
         self._rcpt_outcome = outcome if outcome.action is not Action.CONTINUE else None
         return FORWARD
 
@@ -240,7 +243,7 @@ class SessionPolicy:
         verdict = limits.on_command_error(self.session, kind)
         delay = limits.tarpit_delay(self.session)
         if verdict is not None and verdict.reply is not None:
-            return Decision(verdict.reply, disconnect=True, delay=delay)
+            return Decision(verdict.reply, disconnect=True, delay=delay, reason=verdict.reasons[0])
         return Decision(delay=delay)
 
     # -- content ------------------------------------------------------------------
@@ -312,7 +315,7 @@ class SessionPolicy:
 
     def _refusal(self, outcome: StageOutcome) -> Decision:
         reply = outcome.reply or replies.default_reply(outcome.action)
-        return Decision(reply, disconnect=outcome.disconnect)
+        return Decision(reply, disconnect=outcome.disconnect, reason=outcome.decided_by)
 
     def _count_rcpt(self, address: str, reply: Reply) -> Decision:
         """Count a recipient's outcome: the tarpit delay, and a 421 when rejections pass the limit."""
