@@ -116,7 +116,7 @@ class Metrics:
         )
         self.check_errors = Counter(
             "smtpproxy_check_errors",
-            "Checks that raised or timed out, by check name and kind (error, timeout).",
+            "Checks that raised or timed out, by check name and kind (error, timeout; field: a rule field that could not be read).",
             ["check", "kind"],
             registry=r,
         )
