@@ -16,7 +16,9 @@ import pytest
 
 from tests.backends import RecordingBackend
 
-pytestmark = pytest.mark.skipif(shutil.which("nmap") is None, reason="nmap is not installed (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("nmap") is None, reason="nmap is not installed (.ci/run installs it)"
+)
 
 QUIET = {name: {"enabled": False} for name in ("spf", "dkim", "arc", "dmarc")}
 
