@@ -126,3 +126,19 @@ async def test_no_quarantine_folder_is_a_config_error(tmp_path: Path) -> None:
     code, _, err = await cli("quarantine", "--config", str(cfg), "list")
     assert code == 2
     assert "scores.quarantine_to is not a maildir:PATH; pass --folder PATH" in err
+
+
+async def test_delivered_marked_mail_does_not_carry_the_envelope(
+    tmp_path: Path, backend: RecordingBackend, start_proxy
+) -> None:
+    """Without a quarantine destination the message is delivered marked: Bcc recipients stay private."""
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "10-q.yaml").write_text(
+        "- name: hold\n  stage: data\n  if: {subject: {contains: QUARANTINE-ME}}\n  then: quarantine\n"
+    )
+    proxy = await start_proxy({**QUIET, "rules": str(folder)})
+    await quarantine_one(proxy, "QUARANTINE-ME please")
+    (delivered,) = backend.messages
+    assert b"X-Smtpproxy-Quarantine: hold\r\n" in delivered.content
+    assert b"X-Smtpproxy-Envelope-To" not in delivered.content
