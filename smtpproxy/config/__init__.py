@@ -2,10 +2,13 @@
 
 ``load_config(path)`` reads YAML, validates every key and raises ``ConfigError``
 listing every problem as ``key.path: expected ..., got ...`` (each line says
-"got" once). Relative paths resolve against the folder of the config file (the
-current folder for the embedded defaults); the files and folders they name are
-checked too (``paths``): a missing rules folder, TLS file or maildir parent
-stops the start instead of switching something off.
+"got" once). A file names only what it changes: without a file (``path`` None)
+the model's defaults apply, and a file changes exactly the keys it writes.
+Relative paths written in a file resolve against its folder; defaults resolve
+as without a file (the maildir in the current folder, the packaged rules). The
+files and folders they name are checked too (``paths``): a missing rules
+folder, TLS file or maildir parent stops the start instead of switching
+something off.
 
 The top-level ``Config`` lives here; its sections by area in ``sections``
 (serving), ``auth`` (SPF, DKIM, ARC, DMARC) and ``ratelimits``; ``base`` has
