@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from smtpproxy import __version__
 from smtpproxy.addresses import HostPort
 from smtpproxy.auth.authresults import forged_filter
 from smtpproxy.auth.checks import build_auth_checks
@@ -282,6 +283,8 @@ class App:
                     "relay_domains": len(config.relay_domains),
                     "relay_networks": len(config.relay_networks),
                     "rules": len(self.rules.current),
+                    "rules_folder": None if config.rules_path is None else str(config.rules_path),
+                    "version": __version__,
                     "checks": [check.name for check in self.checks],
                 }
             },

@@ -29,6 +29,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from smtpproxy.quarantine import quarantine_headers
 from smtpproxy.rules.actions import QUARANTINE_HEADER, RuleActions
 from smtpproxy.rules.conditions import Evidence
 from smtpproxy.rules.fields import EvalContext
@@ -309,6 +310,8 @@ class RulesCheck(Check):
             quarantine_to = rule.actions.quarantine_to
         elif action is Action.QUARANTINE:
             edits.append(HeaderEdit(HeaderEditKind.ADD, QUARANTINE_HEADER, "score"))
+        if action is Action.QUARANTINE and quarantine_to is not None:
+            edits += quarantine_headers(txn)
         reasons = (reason,) if action.is_terminal else tuple(dict.fromkeys(txn.matched_rules))
         return Verdict(action, reply, tuple(edits), reasons, quarantine_to=quarantine_to)
 
