@@ -32,6 +32,7 @@ MEANINGS: dict[str, str] = {
     "backend_options.pool_idle_timeout": "seconds an idle backend connection is kept",
     "backend_options.forward_client": "none, xclient or xforward: tell the backend the real client",
     "backend_options.helo_name": "our EHLO name to the backend (null: hostname)",
+    "backend_options.require_tls": "send nothing unless TLS to the backend is in place (451 4.3.0 otherwise)",
     "metrics": "host:port of /metrics, /healthz, /readyz (null: off)",
     "relay_domains": "domains we accept mail for (.example.org: its subdomains too)",
     "relay_networks": "CIDRs that may send to any domain (Postfix's mynetworks)",
