@@ -116,7 +116,19 @@ class InboundSMTP(SMTP):
             self.app.metrics.connections_rejected.labels("max_connections").inc()
             return
         super().connection_made(transport)
+        assert self._handler_coroutine is not None
+        self._handler_coroutine.add_done_callback(self._handler_done)
         self.app.logs.connection_open(self.session_facts)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        # aiosmtpd's eof_received cancels the command task and keeps the socket
+        # half-open, trusting the task to close it; a task cancelled before it
+        # ran, or while awaiting the connect stage or a PROXY header, never does,
+        # and the connection would sit in CLOSE-WAIT, counted, until the idle
+        # timeout. Whenever the task ends, the session is over: close now.
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
 
     def _after_starttls(self, transport: asyncio.BaseTransport) -> None:
         assert self.session_facts is not None
