@@ -79,14 +79,23 @@ def split_header(message: bytes) -> tuple[bytes, bytes]:
     return message[: end + 2], message[end + 2 :]
 
 
+# Where a field ends: a line end (CRLF, CR or LF, as ``bytes.splitlines`` splits
+# lines) not followed by a continuation line (SP or HT). Found in C, and the
+# fields sliced once each: growing a field line by line (``field += line``) was
+# quadratic, and one folded field of 1.6 MB held the event loop for 20 s.
+_FIELD_END = re.compile(rb"\r\n(?![ \t])|\r(?![\n \t])|\n(?![ \t])")
+
+
 def _fields(header: bytes) -> list[bytes]:
-    """Header fields, each with its continuation lines and final CRLF."""
+    """Header fields, each with its continuation lines and final CRLF (linear in the header size)."""
     fields: list[bytes] = []
-    for line in header.splitlines(keepends=True):
-        if fields and line[:1] in (b" ", b"\t"):
-            fields[-1] += line
-        else:
-            fields.append(line)
+    start = 0
+    for match in _FIELD_END.finditer(header):
+        end = match.end()
+        fields.append(header[start:end])
+        start = end
+    if start < len(header):
+        fields.append(header[start:])
     return fields
 
 
