@@ -8,8 +8,9 @@ line lengths and the size limit on whole chunks with C-speed byte operations.
 The semantics are aiosmtpd's: the content ends at ``<CR><LF>.<CR><LF>`` (or a
 ``.<CR><LF>`` first line), lines end with CRLF (a bare LF is part of a line),
 the leading dot of every line that starts with one is removed (RFC 5321
-§4.5.2), and when the message is too large or a line too long the rest is still
-read and discarded so the reply comes after the final dot.
+§4.5.2), and when the message is too large, a line too long or a NUL byte
+present (BINARYMIME is not offered) the rest is still read and discarded so the
+reply comes after the final dot.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class DataProblem(enum.Enum):
 
     TOO_BIG = "too_big"
     LINE_TOO_LONG = "line_too_long"
+    NUL_BYTE = "nul_byte"
 
 
 @dataclass(slots=True)
@@ -114,4 +116,6 @@ def _check(lines: _Lines, chunk: bytes, size: int, size_limit: int | None) -> Da
         return DataProblem.TOO_BIG
     if lines.too_long(chunk):
         return DataProblem.LINE_TOO_LONG
+    if b"\x00" in chunk:
+        return DataProblem.NUL_BYTE
     return None

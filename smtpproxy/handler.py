@@ -267,6 +267,8 @@ class ConnectionHandler:
         reply = await asyncio.shield(self.data_task)
         self.data_task = None
         if reply.is_positive:
+            # As Postfix does: junk commands are counted again from a delivery on.
+            self.session.junk_commands = 0
             word = "quarantined" if action is Action.QUARANTINE else "delivered"
             reason = final.decided_by or ("quarantine" if action is Action.QUARANTINE else "clean")
             await self.end_transaction(word, "data", reason, reply)

@@ -295,6 +295,12 @@ class InboundSMTP(SMTP):
             await self.push("500 5.5.2 Line too long (see RFC5321 4.5.3.1.6)")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
+        if result.problem is DataProblem.NUL_BYTE:
+            # BINARYMIME is not offered: a NUL has no place in the content, and a
+            # backend that strips NULs could read "\r\n\0.\r\n" as the end of data.
+            await self.push("554 5.6.0 Message contains NUL characters")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
         self.envelope.content = result.content
         self.envelope.original_content = result.content
         status = await self._call_handler_hook("DATA")
@@ -305,7 +311,67 @@ class InboundSMTP(SMTP):
         """We are an MX: no submission, no AUTH."""
         await self.push("502 5.5.1 AUTH not supported")
 
+    # -- junk commands (session_limits.max_junk_commands) ---------------------
+
+    async def _junk_limit_hit(self) -> bool:
+        """Count a command that moves no mail on; True when the session was closed for it."""
+        if self.conn is None or self.session_facts is None:
+            return False
+        verdict = self.app.session_limits.on_junk_command(self.session_facts)
+        if verdict is None or verdict.reply is None:
+            return False
+        self.conn.close_after_reply = True
+        await self.push(verdict.reply.render())
+        return True
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._junk_limit_hit():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._junk_limit_hit():
+            await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not await self._junk_limit_hit():
+            await super().smtp_VRFY(arg)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        if not await self._junk_limit_hit():
+            await super().smtp_EXPN(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._junk_limit_hit():
+            await super().smtp_HELP(arg)
+
+    def _greeted(self) -> bool:
+        return self.session_facts is not None and self.session_facts.helo is not None
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        # A repeated greeting is junk; the first one after STARTTLS is not
+        # (the TLS upgrade forgets the HELO name).
+        if self._greeted() and await self._junk_limit_hit():
+            return
+        await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if self._greeted() and await self._junk_limit_hit():
+            return
+        await super().smtp_EHLO(hostname)
+
+    # -- STARTTLS ---------------------------------------------------------------
+
     async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # RFC 3207 §4.2: not again inside TLS (aiosmtpd would nest a second TLS layer).
+            await self.push("503 5.5.1 Already running TLS")
+            return
         if self.conn is not None and self.conn.txn is not None:
             await self.push("503 5.5.1 STARTTLS not allowed inside a transaction")
             return

@@ -71,6 +71,7 @@ class Session:
     errors: int = 0
     rejected_recipients: int = 0
     invalid_commands: int = 0
+    junk_commands: int = 0  # NOOP, RSET, VRFY, EXPN, HELP, repeated HELO since the last delivery
     extras: dict[str, Any] = field(default_factory=dict)  # per-check connection state
     _address: tuple[IPAddress, str] | None = field(default=None, init=False, repr=False, compare=False)
 
