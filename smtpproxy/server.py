@@ -13,6 +13,7 @@ import collections
 import ipaddress
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.proxy_protocol import ProxyData
@@ -38,6 +39,46 @@ _SIMPLE_PATH = re.compile(
     re.DOTALL,
 )
 
+# Replies held back while more pipelined commands wait are sent at the latest
+# at this size (RFC 2920 §3.1 lets a server buffer replies until it would block).
+_HELD_REPLIES_MAX = 16384
+# Final replies never held back: the TLS handshake and the end of the session
+# follow them at once.
+_NEVER_HELD = (b"220", b"221")
+
+
+class _FlushingReader(asyncio.StreamReader):
+    """A StreamReader that sends the replies held back before it waits for the client.
+
+    It reads ``_buffer`` (StreamReader's own bytearray, as aiosmtpd does at
+    STARTTLS) to know whether a read can be answered without waiting;
+    test_server_internals pins that attribute.
+    """
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        super().__init__(loop=loop, limit=limit)
+        self.before_wait: Callable[[], None] | None = None
+
+    def has_line(self) -> bool:
+        """True when a complete command line is already buffered."""
+        return b"\n" in self._buffer  # type: ignore[attr-defined]
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
+        if self.before_wait is not None and separator not in self._buffer:  # type: ignore[attr-defined]
+            self.before_wait()
+        return await super().readuntil(separator)
+
+    async def readexactly(self, n: int) -> bytes:
+        if self.before_wait is not None and len(self._buffer) < n:  # type: ignore[attr-defined]
+            self.before_wait()
+        return await super().readexactly(n)
+
+    async def read(self, n: int = -1) -> bytes:
+        if self.before_wait is not None and not self._buffer:  # type: ignore[attr-defined]
+            self.before_wait()
+        return await super().read(n)
+
+
 _HOOKS = ("PROXY", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT", "STARTTLS")
 
 
@@ -55,11 +96,11 @@ class InboundSMTP(SMTP):
         self.line_length_limit = cfg.limits.max_line_length + 2
         self.session_facts: Session | None = None
         self.conn: ConnectionHandler | None = None
+        self._held: list[bytes] = []  # replies not written yet (see push)
+        reader = _FlushingReader(loop=loop, limit=self.line_length_limit)
+        reader.before_wait = self._write_held
         asyncio.StreamReaderProtocol.__init__(
-            self,
-            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected,
-            loop=loop,
+            self, reader, client_connected_cb=self._cb_client_connected, loop=loop
         )
         handler = _HandlerShim(self)
         self.__ident__ = "ESMTP smtpproxy"
@@ -144,6 +185,9 @@ class InboundSMTP(SMTP):
         facts = self.session_facts
         if facts is None:
             return  # refused before it started
+        self._held.clear()
+        if isinstance(self._reader, _FlushingReader):
+            self._reader.before_wait = None  # no reference cycle reader -> protocol left
         super().connection_lost(error)
         self.session_facts = None
         self.app.release(self)
@@ -209,15 +253,52 @@ class InboundSMTP(SMTP):
     # -- replies ------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
+        """Send one reply line; lines of a multi-line reply and replies to pipelined commands go out together.
+
+        aiosmtpd writes (one send() and one TCP segment) per line: seven for
+        EHLO, which also confuses scanners that read the reply once. A
+        continuation line is held until its final line; a positive final
+        reply is held while more pipelined commands are already buffered
+        (RFC 2920 §3.1), and everything held goes out before the server waits
+        for the client (``_FlushingReader``). Errors and the replies that
+        precede TLS or a close are sent at once.
+        """
         if isinstance(status, str):
             status = with_enhanced_code(status)
             kind = ERROR_KINDS.get(status[:3])
             if kind is not None and self.conn is not None:
                 self.app.metrics.protocol_errors.labels(kind).inc()
                 status = await self.conn.count_error(kind) or status
-        await super().push(status)
-        if self.conn is not None and self.conn.close_after_reply and self.transport is not None:
+            status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        line: bytes = status + b"\r\n"
+        self._held.append(line)
+        closing = self.conn is not None and self.conn.close_after_reply
+        if not closing and self._may_hold(line):
+            return
+        self._write_held()
+        if closing and self.transport is not None:
             self.transport.close()
+            return
+        await self._writer.drain()
+
+    def _may_hold(self, line: bytes) -> bool:
+        if line[3:4] == b"-":
+            return True  # a multi-line reply goes out with its last line
+        if line[:1] not in (b"2", b"3") or line[:3] in _NEVER_HELD:
+            return False
+        held = sum(map(len, self._held))
+        return (
+            held < _HELD_REPLIES_MAX and isinstance(self._reader, _FlushingReader) and self._reader.has_line()
+        )
+
+    def _write_held(self) -> None:
+        """Write the held replies in one write."""
+        if not self._held:
+            return
+        data = b"".join(self._held)
+        self._held.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(data)
 
     async def handle_exception(self, error: Exception) -> str:
         """An unexpected exception of ours: 451 4.3.0, logged with the ids."""
