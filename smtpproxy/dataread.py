@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 TERMINATOR_TAIL = b".\r\n"
@@ -28,6 +29,7 @@ class DataProblem(enum.Enum):
     TOO_BIG = "too_big"
     LINE_TOO_LONG = "line_too_long"
     NUL_BYTE = "nul_byte"
+    NO_STORAGE = "no_storage"  # the budget of message bytes in flight is spent
 
 
 @dataclass(slots=True)
@@ -68,9 +70,17 @@ class _Lines:
         return first > self.max_line or middle > self.max_line or self.current > self.max_line
 
 
-async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None, max_line: int) -> DataResult:
+async def read_data(
+    reader: asyncio.StreamReader,
+    *,
+    size_limit: int | None,
+    max_line: int,
+    charge: Callable[[int], bool] | None = None,
+) -> DataResult:
     """Read up to and including the end-of-data marker; ``max_line`` counts the CRLF.
 
+    ``charge(size)`` is asked after every chunk whether ``size`` bytes so far
+    may be held (the in-flight budget); False makes the problem NO_STORAGE.
     Raises ``asyncio.IncompleteReadError`` when the stream ends first.
     """
     chunks: list[bytes] = []
@@ -94,11 +104,11 @@ async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None, max
                 if before:
                     size, last2 = _account(chunks, before, size, last2)
                     if problem is None:
-                        problem = _check(lines, before, size, size_limit)
+                        problem = _check(lines, before, size, size_limit, charge)
                 break
         size, last2 = _account(chunks, chunk, size, last2)
         if problem is None:
-            problem = _check(lines, chunk, size, size_limit)
+            problem = _check(lines, chunk, size, size_limit, charge)
         if problem is not None:
             chunks.clear()  # keep reading to the final dot, but hold nothing
     if problem is not None:
@@ -111,9 +121,13 @@ def _account(chunks: list[bytes], chunk: bytes, size: int, last2: bytes) -> tupl
     return size + len(chunk), (last2 + chunk)[-2:]
 
 
-def _check(lines: _Lines, chunk: bytes, size: int, size_limit: int | None) -> DataProblem | None:
+def _check(
+    lines: _Lines, chunk: bytes, size: int, size_limit: int | None, charge: Callable[[int], bool] | None
+) -> DataProblem | None:
     if size_limit and size > size_limit:
         return DataProblem.TOO_BIG
+    if charge is not None and not charge(size):
+        return DataProblem.NO_STORAGE
     if lines.too_long(chunk):
         return DataProblem.LINE_TOO_LONG
     if b"\x00" in chunk:

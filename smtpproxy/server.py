@@ -21,6 +21,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail, syntax
 
 from smtpproxy.dataread import DataProblem, read_data
 from smtpproxy.handler import ConnectionHandler
+from smtpproxy.inflight import Ticket
 from smtpproxy.pipeline import INTERNAL_ERROR
 from smtpproxy.replies import ERROR_KINDS, with_enhanced_code
 from smtpproxy.session import Session, TlsInfo, new_id
@@ -77,6 +78,18 @@ class _FlushingReader(asyncio.StreamReader):
         if self.before_wait is not None and not self._buffer:  # type: ignore[attr-defined]
             self.before_wait()
         return await super().read(n)
+
+
+NO_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
+
+
+def declared_size(mail_options: list[str], limit: int | None) -> int:
+    """The SIZE= the client declared at MAIL (RFC 1870), at most ``limit``; 0 when none."""
+    for option in mail_options:
+        if option[:5].upper() == "SIZE=" and option[5:].isdigit():
+            size = int(option[5:])
+            return min(size, limit) if limit else size
+    return 0
 
 
 _HOOKS = ("PROXY", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT", "STARTTLS")
@@ -360,14 +373,39 @@ class InboundSMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        ticket = self.app.inflight.open(declared_size(self.envelope.mail_options, self.data_size_limit))
+        if ticket is None:
+            await self.push(NO_STORAGE)
+            return
+        try:
+            await self._data(ticket)
+        finally:
+            # However DATA ended (client gone too), the bytes are no longer
+            # held, except by a delivery still under way (shielded from the
+            # client leaving): that one gives them back when it is done.
+            task = self.conn.data_task if self.conn is not None else None
+            if task is not None and not task.done():
+                task.add_done_callback(lambda _: ticket.release())
+            else:
+                ticket.release()
+
+    async def _data(self, ticket: Ticket) -> None:
+        assert self.envelope is not None
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
             result = await read_data(
-                self._reader, size_limit=self.data_size_limit, max_line=self.line_length_limit
+                self._reader,
+                size_limit=self.data_size_limit,
+                max_line=self.line_length_limit,
+                charge=ticket.need,
             )
         except (asyncio.CancelledError, asyncio.IncompleteReadError, ConnectionError):
             self._writer.close()
             raise asyncio.CancelledError from None
+        if result.problem is DataProblem.NO_STORAGE:
+            await self.push(NO_STORAGE)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
         if result.problem is DataProblem.TOO_BIG:
             await self.push("552 5.3.4 Error: Too much mail data")
             self._set_post_data_state()  # type: ignore[no-untyped-call]

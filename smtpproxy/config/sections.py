@@ -29,6 +29,10 @@ class LimitsConfig(Section):
     # can hold at most 5% of the default max_connections. Built on the
     # ratelimits concurrency mechanism (and its store); null or 0 turns it off.
     max_connections_per_ip: Annotated[int, Field(ge=0)] | None = 50
+    # Message bytes in flight, all connections together: past it DATA gets
+    # 452 4.3.1 (see smtpproxy.inflight). null: an eighth of physical memory,
+    # at least 256 MB.
+    max_inflight_bytes: PositiveInt | None = None
     max_line_length: Annotated[int, Field(ge=1001, le=1_048_576)] = 8192
     # What happens to the transaction after max_messages_per_connection:
     # "disconnect" answers 421 4.7.0 and closes, "tempfail" answers 450 4.7.1.
