@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from smtpproxy.backend import BackendTransaction, ClientFacts
 from smtpproxy.headers import apply_edits, received_header
 from smtpproxy.pipeline import INTERNAL_ERROR
+from smtpproxy.rules.facts import drop_content_facts
 from smtpproxy.session import Recipient, Session, Transaction, new_id
 from smtpproxy.stages import Stage
 from smtpproxy.verdict import Action, Reply, StageOutcome
@@ -226,6 +227,8 @@ class ConnectionHandler:
             return "503 5.5.1 Error: need MAIL command"
         started = time.perf_counter()
         txn.message = bytes(envelope.original_content)
+        # The transaction holds the message from here on: not the envelope too.
+        envelope.content = envelope.original_content = None
         self.session.messages += 1
         self.app.metrics.message_size.observe(len(txn.message))
         try:
@@ -238,6 +241,7 @@ class ConnectionHandler:
 
     async def _deliver(self, txn: Transaction, btx: BackendTransaction) -> Reply:
         outcome = await self.app.pipeline.run(Stage.DATA, self.session, txn)
+        drop_content_facts(txn)
         final = self._combine(txn, outcome)
         action = final.action
         if action in (Action.REJECT, Action.TEMPFAIL):
@@ -252,6 +256,9 @@ class ConnectionHandler:
             await self.end_transaction("discarded", "data", final.decided_by or "discard", reply)
             return reply
         message = self._final_message(txn, final)
+        # What goes to the backend replaces what came in, so one copy is held
+        # while the backend reads it (no check looks at the content any more).
+        txn.message = message
         if action is Action.QUARANTINE and final.quarantine_to:
             reply = await self.app.quarantine(final.quarantine_to, self.session, txn, message)
             await self.end_transaction(

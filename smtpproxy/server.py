@@ -420,8 +420,10 @@ class InboundSMTP(SMTP):
             await self.push("554 5.6.0 Message contains NUL characters")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
-        self.envelope.content = result.content
-        self.envelope.original_content = result.content
+        self.envelope.content = self.envelope.original_content = result.content
+        # The handler takes the content from the envelope and lets it go once
+        # the message it delivers is built: no reference may stay here.
+        del result
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)

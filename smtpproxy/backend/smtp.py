@@ -29,7 +29,7 @@ from smtpproxy.backend import (
     UNREACHABLE,
     ClientFacts,
 )
-from smtpproxy.backend.wire import StartTlsFailed, failure, wire_content, xtext
+from smtpproxy.backend.wire import StartTlsFailed, failure, wire_parts, xtext
 from smtpproxy.config import BackendOptions
 from smtpproxy.metrics import Metrics
 from smtpproxy.verdict import Reply
@@ -136,7 +136,8 @@ class SmtpTransaction:
             self.state = "data"  # from here on, the connection's state is unknown until the reply
             protocol = client.protocol
             assert protocol is not None
-            protocol.write(wire_content(message))
+            for part in wire_parts(message):
+                protocol.write(part)
             response = await protocol.read_response(timeout=opts.data_timeout)
         except (SMTPException, OSError, ValueError, AssertionError) as err:
             return self._broke("data", err)
