@@ -28,6 +28,7 @@ from smtpproxy.config import Config
 from smtpproxy.core_checks import LimitsCheck, RelayCheck
 from smtpproxy.dns import DnsReadiness, Resolver
 from smtpproxy.httpserver import MetricsServer
+from smtpproxy.inflight import InflightBudget, default_budget
 from smtpproxy.logs import EventLog, flush_logs
 from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
@@ -96,6 +97,9 @@ class App:
             self.pipeline, self.session_limits, self.metrics, self.logs, config.hostname, self.forged_ar
         )
         self.connections: set[InboundSMTP] = set()
+        self.inflight = InflightBudget(
+            config.limits.max_inflight_bytes or default_budget(), self.metrics.inflight_bytes
+        )
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.base_events.Server | None = None

@@ -43,6 +43,7 @@ from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
 from smtpproxy.policy.combine import combine
 from smtpproxy.ratelimit.session_limits import SessionLimits
+from smtpproxy.rules.facts import drop_content_facts
 from smtpproxy.session import Recipient, Session, Transaction, new_id
 from smtpproxy.stages import Stage
 from smtpproxy.verdict import Action, HeaderEdit, Reply, StageOutcome
@@ -256,6 +257,7 @@ class SessionPolicy:
         self.session.messages += 1
         self.policy.metrics.message_size.observe(len(message))
         outcome = await self.policy.pipeline.run(Stage.DATA, self.session, txn)
+        drop_content_facts(txn)  # what the rules decoded of the content: no check reads it any more
         final = combine(
             outcome, self._mail_outcome, self._rcpt_outcomes, txn.accepted_by or self.session.accepted_by
         )
@@ -271,6 +273,8 @@ class SessionPolicy:
         trace = received_header(self.session, txn, self.policy.hostname)
         # Incoming Authentication-Results claiming our authserv-id are forgeries.
         content = apply_edits(message, final.header_edits, prepend=trace, drop=self.policy.forged_ar)
+        # What goes out replaces what came in: one copy is held while it is sent.
+        txn.message = content
         if action is Action.QUARANTINE:
             return Delivery(
                 action, reason or "quarantine", None, content, final.quarantine_to, header_edits=edits
@@ -288,6 +292,8 @@ class SessionPolicy:
         elif client_gone:
             self.end(result_word(reply), "data", "client_lost_before_reply", reply)
         elif reply.is_positive:
+            # As Postfix does: junk commands are counted again from a delivery on.
+            self.session.junk_commands = 0
             word = "quarantined" if delivery.action is Action.QUARANTINE else "delivered"
             self.end(word, "data", delivery.reason, reply)
         else:
