@@ -22,8 +22,7 @@ from smtpproxy.addresses import HostPort
 from smtpproxy.auth.authresults import forged_filter
 from smtpproxy.auth.checks import build_auth_checks
 from smtpproxy.backend import Backend, BackendTransaction, ClientFacts
-from smtpproxy.backend.maildir import MaildirBackend
-from smtpproxy.backend.smtp import SmtpBackend
+from smtpproxy.backend.factory import make_backend
 from smtpproxy.config import Config
 from smtpproxy.core_checks import LimitsCheck, RelayCheck
 from smtpproxy.dns import DnsReadiness, Resolver
@@ -45,13 +44,6 @@ from smtpproxy.verdict import Reply
 log = logging.getLogger("smtpproxy.app")
 
 BACKEND_PROBE_INTERVAL = 30.0  # seconds between backend probes while no client is connected
-
-
-def make_backend(url: str, config: Config, metrics: Metrics) -> Backend:
-    """A Backend for ``smtp://``, ``smtps://`` or ``maildir:`` URLs."""
-    if url.startswith("maildir:"):
-        return MaildirBackend(config.path(url[len("maildir:") :]))
-    return SmtpBackend(url, config.backend_options, config.hostname, metrics)
 
 
 class App:

@@ -22,7 +22,7 @@ from smtpproxy.session import Session
 from smtpproxy.verdict import Reply
 
 if TYPE_CHECKING:
-    from smtpproxy.app import App
+    from smtpproxy.context import ConnectionContext
 
 log = logging.getLogger("smtpproxy.handler")
 
@@ -30,7 +30,7 @@ log = logging.getLogger("smtpproxy.handler")
 class ConnectionHandler:
     """The aiosmtpd handler of one connection; owns its policy and the open backend transaction."""
 
-    def __init__(self, app: App, session: Session) -> None:
+    def __init__(self, app: ConnectionContext, session: Session) -> None:
         self.app = app
         self.session = session
         self.policy: SessionPolicy = app.policy.session(session)

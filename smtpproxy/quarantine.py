@@ -187,8 +187,8 @@ async def release(config: Config, folder: QuarantineFolder, ident: str, *, keep:
     The backend sees the proxy host itself as the client (127.0.0.1, our hostname),
     as ``amavisd-release`` does. Any other reply leaves the message in quarantine.
     """
-    from smtpproxy.app import make_backend
     from smtpproxy.backend import BackendTransaction, ClientFacts
+    from smtpproxy.backend.factory import make_backend
     from smtpproxy.metrics import Metrics
 
     path = folder.find(ident)

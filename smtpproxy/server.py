@@ -27,7 +27,7 @@ from smtpproxy.session import Session, TlsInfo, new_id
 from smtpproxy.tls import handshake_failure_reason
 
 if TYPE_CHECKING:
-    from smtpproxy.app import App
+    from smtpproxy.context import ConnectionContext
 
 log = logging.getLogger("smtpproxy.server")
 
@@ -95,7 +95,7 @@ _HOOKS = ("PROXY", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT", "STAR
 class InboundSMTP(SMTP):
     """One client connection (aiosmtpd creates one protocol object per connection)."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: ConnectionContext) -> None:
         # aiosmtpd's own __init__ introspects the class and the handler (inspect.
         # getmembers, dir, signature) for every connection: a fifth of the CPU of
         # a short session. We set the same attributes from what is computed once
@@ -433,11 +433,11 @@ class InboundSMTP(SMTP):
         """Count a command that moves no mail on; True when the session was closed for it."""
         if self.conn is None or self.session_facts is None:
             return False
-        verdict = self.app.session_limits.on_junk_command(self.session_facts)
-        if verdict is None or verdict.reply is None:
+        decision = self.conn.policy.junk_command()
+        if decision.reply is None:
             return False
         self.conn.close_after_reply = True
-        await self.push(verdict.reply.render())
+        await self.push(decision.reply.render())
         return True
 
     @syntax("NOOP [ignored]")

@@ -27,13 +27,10 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from smtpproxy.config import Config
+from smtpproxy.config.base import MAILDIR
 
-MAILDIR = "maildir:"
-DEFAULT_MAILDIR = "maildir:./var/mail"
-# The rules and lists shipped inside the package: what runs when the config has no `rules` key.
-PACKAGED_RULES = Path(__file__).resolve().parent.parent / "data" / "rules"
+if TYPE_CHECKING:
+    from smtpproxy.config.model import Config
 
 
 def check_paths(config: Config, *, default_maildir: bool = False) -> list[str]:

@@ -247,6 +247,13 @@ class SessionPolicy:
             return Decision(verdict.reply, disconnect=True, delay=delay, reason=verdict.reasons[0])
         return Decision(delay=delay)
 
+    def junk_command(self) -> Decision:
+        """A command that moves no mail on (NOOP, RSET, VRFY, EXPN, HELP, a repeated HELO): 421 at the limit."""
+        verdict = self.policy.session_limits.on_junk_command(self.session)
+        if verdict is None or verdict.reply is None:
+            return FORWARD
+        return Decision(verdict.reply, disconnect=True, reason=verdict.reasons[0])
+
     # -- content ------------------------------------------------------------------
 
     async def data(self, message: bytes) -> Delivery:

@@ -47,7 +47,9 @@ from smtpproxy.stages import Check, CheckOutcome, Stage
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Reply, Verdict
 
 if TYPE_CHECKING:
-    from smtpproxy.rules.engine import RulesEngine
+    from smtpproxy.config import ScoresConfig
+    from smtpproxy.metrics import Metrics
+    from smtpproxy.ratelimit.limiter import RateLimiter
 
 log = logging.getLogger("smtpproxy.rules")
 
@@ -94,13 +96,23 @@ def dnsbl_name(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: str) -> 
     return ".".join(reversed(ip.exploded.replace(":", ""))) + "." + zone
 
 
+class RuleSource(Protocol):
+    """What RulesCheck needs of the engine that owns it (``RulesEngine``): no back-reference to its type."""
+
+    current: RuleSet
+    metrics: Metrics
+    resolver: DnsResolver | None
+    scores: ScoresConfig
+    limiter: RateLimiter
+
+
 class RulesCheck(Check):
     """The ``rules`` check: runs after authentication so rules can use its results."""
 
     name = "rules"
     after = ("spf", "dkim", "arc", "dmarc")
 
-    def __init__(self, engine: RulesEngine) -> None:
+    def __init__(self, engine: RuleSource) -> None:
         self.engine = engine
         self._failed_fields: set[str] = set()  # logged once each; every failure is counted
 
