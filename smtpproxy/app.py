@@ -21,8 +21,9 @@ from smtpproxy import __version__
 from smtpproxy.addresses import HostPort
 from smtpproxy.auth.authresults import forged_filter
 from smtpproxy.auth.checks import build_auth_checks
-from smtpproxy.backend import Backend, BackendTransaction, ClientFacts
+from smtpproxy.backend import Backend, ClientFacts
 from smtpproxy.backend.factory import make_backend
+from smtpproxy.backend.relay import relay_message
 from smtpproxy.config import Config
 from smtpproxy.core_checks import LimitsCheck, RelayCheck
 from smtpproxy.dns import DnsReadiness, Resolver
@@ -200,24 +201,15 @@ class App:
             backend = make_backend(destination, self.config, self.metrics)
             self._quarantine_backends[destination] = backend
         facts = ClientFacts(session.client_address, session.helo, session.rdns, session.esmtp)
-        begun = await backend.begin(facts, frozenset())
-        if isinstance(begun, Reply):
-            return begun
-        btx: BackendTransaction = begun
-        try:
-            reply = await btx.mail(txn.mail_from, [])
-            if not reply.is_positive:
-                return reply if reply.is_transient else Reply(451, "4.3.0", "Quarantine refused the message")
-            for rcpt in txn.recipients:
-                reply = await btx.rcpt(rcpt.address, [])
-                if not reply.is_positive:
-                    return Reply(451, "4.3.0", "Quarantine refused a recipient")
-            reply = await btx.data(message)
-            return (
-                reply if reply.is_positive or reply.is_transient else Reply(451, "4.3.0", "Quarantine failed")
-            )
-        finally:
-            await btx.finish()
+        reply = await relay_message(
+            backend, facts, txn.mail_from, [r.address for r in txn.recipients], message
+        )
+        # The client keeps the message if the quarantine will not take it: never a bounce.
+        return (
+            reply
+            if reply.is_positive or reply.is_transient
+            else Reply(451, "4.3.0", "Quarantine refused the message")
+        )
 
     async def readiness(self) -> str | None:
         """None when listening, DNS answers and the backend answers; else why not.
@@ -336,13 +328,11 @@ class App:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            if conn.conn is not None and conn.conn.txn is None and not conn.conn.busy:
-                await _say_goodbye(conn)
+            conn.close_if_idle()
         deadline = time.monotonic() + grace
         while self.connections and time.monotonic() < deadline:
             for conn in list(self.connections):
-                if conn.conn is not None and conn.conn.txn is None and not conn.conn.busy:
-                    await _say_goodbye(conn)
+                conn.close_if_idle()
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             if conn.transport is not None:
@@ -364,11 +354,3 @@ class App:
             await backend.close()
         await self.close_checks()
         await self.resolver.close()
-
-
-async def _say_goodbye(conn: InboundSMTP) -> None:
-    transport = conn.transport
-    if transport is None or transport.is_closing():
-        return
-    transport.write(b"421 4.3.2 Service shutting down, please try again later\r\n")  # type: ignore[attr-defined]
-    transport.close()

@@ -187,8 +187,9 @@ async def release(config: Config, folder: QuarantineFolder, ident: str, *, keep:
     The backend sees the proxy host itself as the client (127.0.0.1, our hostname),
     as ``amavisd-release`` does. Any other reply leaves the message in quarantine.
     """
-    from smtpproxy.backend import BackendTransaction, ClientFacts
+    from smtpproxy.backend import ClientFacts
     from smtpproxy.backend.factory import make_backend
+    from smtpproxy.backend.relay import relay_message
     from smtpproxy.metrics import Metrics
 
     path = folder.find(ident)
@@ -198,23 +199,10 @@ async def release(config: Config, folder: QuarantineFolder, ident: str, *, keep:
     sender, message = for_release(path.read_bytes())
     backend = make_backend(config.backend, config, Metrics(process=False))
     facts = ClientFacts("127.0.0.1", config.hostname, "localhost", True)
-    reply: Reply
     try:
-        begun = await backend.begin(facts, _needs(sender, item.recipients, message))
-        if isinstance(begun, Reply):
-            reply = begun
-        else:
-            btx: BackendTransaction = begun
-            try:
-                reply = await btx.mail(sender, [])
-                for rcpt in item.recipients if reply.is_positive else ():
-                    reply = await btx.rcpt(rcpt, [])
-                    if not reply.is_positive:
-                        break
-                if reply.is_positive:
-                    reply = await btx.data(message)
-            finally:
-                await btx.finish()
+        reply = await relay_message(
+            backend, facts, sender, item.recipients, message, _needs(sender, item.recipients, message)
+        )
     finally:
         await backend.close()
     fields = {

@@ -22,7 +22,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail, syntax
 from smtpproxy.dataread import DataProblem, read_data
 from smtpproxy.handler import ConnectionHandler
 from smtpproxy.inflight import Ticket
-from smtpproxy.replies import ERROR_KINDS, INTERNAL_ERROR, with_enhanced_code
+from smtpproxy.replies import ERROR_KINDS, INTERNAL_ERROR, SHUTTING_DOWN, with_enhanced_code
 from smtpproxy.session import Session, TlsInfo, new_id
 from smtpproxy.tls import handshake_failure_reason
 
@@ -307,6 +307,16 @@ class InboundSMTP(SMTP):
         self._held.clear()
         if self.transport is not None and not self.transport.is_closing():
             self._writer.write(data)
+
+    def close_if_idle(self) -> None:
+        """At shutdown: a connection with no transaction and no command in progress hears 421 and closes."""
+        conn, transport = self.conn, self.transport
+        if conn is None or conn.txn is not None or conn.busy:
+            return
+        if transport is not None and not transport.is_closing():
+            self._write_held()
+            transport.write((SHUTTING_DOWN.render() + "\r\n").encode())  # type: ignore[attr-defined]
+            transport.close()
 
     async def handle_exception(self, error: Exception) -> str:
         """An unexpected exception of ours: 451 4.3.0, logged with the ids."""
