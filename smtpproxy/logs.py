@@ -231,6 +231,8 @@ class EventLog:
             "stage": stage,
             "reason": reason,
             "reply": reply.render() if reply else None,
+            "queue_id": txn.queue_id,
+            "message_id": txn.message_id,
             "score": txn.score,
             "rules": txn.matched_rules,
             "results": results,

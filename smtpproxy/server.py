@@ -20,6 +20,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail, syntax
 
 from smtpproxy.dataread import DataProblem, read_data
 from smtpproxy.handler import ConnectionHandler
+from smtpproxy.policy.dsn import KEYWORDS as DSN_KEYWORDS
 from smtpproxy.replies import ERROR_KINDS, INTERNAL_ERROR, with_enhanced_code
 from smtpproxy.session import Session, TlsInfo, new_id
 from smtpproxy.tls import handshake_failure_reason
@@ -52,6 +53,7 @@ class InboundSMTP(SMTP):
         self.line_length_limit = cfg.limits.max_line_length + 2
         self.session_facts: Session | None = None
         self.conn: ConnectionHandler | None = None
+        self.dsn_params: list[str] = []  # of the MAIL/RCPT being parsed, as the client wrote them
         asyncio.StreamReaderProtocol.__init__(
             self,
             asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
@@ -124,6 +126,7 @@ class InboundSMTP(SMTP):
         # RFC 3207 §4.2: forget what the client said before TLS.
         self.session_facts.helo = None
         self.session_facts.esmtp = False
+        self.session_facts.dsn_offered = False
 
     def connection_lost(self, error: Exception | None) -> None:
         facts = self.session_facts
@@ -232,6 +235,8 @@ class InboundSMTP(SMTP):
             "250-SMTPUTF8",
             "250-ENHANCEDSTATUSCODES",
         ]
+        if self.app.backend.offers("DSN"):
+            lines.append("250-DSN")
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("250-STARTTLS")
         lines[-1] = "250 " + lines[-1][4:]
@@ -244,11 +249,18 @@ class InboundSMTP(SMTP):
         # (quoted local parts, source routes, bare addresses) the full parser.
         m = _SIMPLE_PATH.match(arg)
         if m is not None and ".." not in m.group(1):
-            return m.group(1), m.group(2).lstrip(" \t")
-        if arg.startswith("<>") and (len(arg) == 2 or arg[2] == " "):
-            return "<>", arg[2:]
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
-        return result
+            address, rest = m.group(1), m.group(2).lstrip(" \t")
+        elif arg.startswith("<>") and (len(arg) == 2 or arg[2] == " "):
+            address, rest = "<>", arg[2:]
+        else:
+            address, rest = super()._getaddr(arg)
+        # aiosmtpd answers 555 to parameters it does not know, and upper-cases
+        # the ones it passes on; ENVID and ORCPT must reach the backend as
+        # written (xtext is case-sensitive). So the DSN parameters are set
+        # aside here, in their own case, for the hook to add back (the policy
+        # validates them); aiosmtpd sees the rest.
+        rest, self.dsn_params = split_dsn(rest)
+        return address, rest
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -320,6 +332,17 @@ class InboundSMTP(SMTP):
             self._last_activity = self.loop.time()
 
 
+def split_dsn(params: str | None) -> tuple[str | None, list[str]]:
+    """(the MAIL/RCPT parameters without the DSN ones, the DSN ones as written)."""
+    if not params:
+        return params, []
+    kept: list[str] = []
+    dsn: list[str] = []
+    for word in params.split():
+        (dsn if word.partition("=")[0].upper() in DSN_KEYWORDS else kept).append(word)
+    return (" ".join(kept) if dsn else params), dsn
+
+
 # The SMTP verbs InboundSMTP implements (its smtp_* methods), computed once.
 SMTP_COMMANDS = tuple(name[len("smtp_") :] for name in dir(InboundSMTP) if name.startswith("smtp_"))
 
@@ -348,11 +371,13 @@ class _HandlerShim:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        options = options + self._server.dsn_params
         return await self._conn().handle_MAIL(server, session, envelope, address, options)
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        options = options + self._server.dsn_params
         return await self._conn().handle_RCPT(server, session, envelope, address, options)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:

@@ -37,10 +37,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from smtpproxy import replies
-from smtpproxy.headers import apply_edits, received_header
+from smtpproxy.backend.queueid import queue_id
+from smtpproxy.headers import apply_edits, header_values, received_header, sanitize
 from smtpproxy.logs import EventLog
 from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
+from smtpproxy.policy import dsn
 from smtpproxy.policy.combine import combine
 from smtpproxy.ratelimit.session_limits import SessionLimits
 from smtpproxy.session import Recipient, Session, Transaction, new_id
@@ -60,7 +62,8 @@ class Decision:
 
     ``reply`` None means: pass the command on to the backend and answer with
     the backend's own reply. ``delay``: wait that long before answering (the
-    tarpit). ``needs``: at MAIL, the extensions the backend must offer.
+    tarpit). ``needs``: at MAIL and RCPT, the extensions the backend must
+    offer for this command (8BITMIME, SMTPUTF8, DSN).
     """
 
     reply: Reply | None = None
@@ -169,6 +172,9 @@ class SessionPolicy:
         """MAIL FROM (``sender`` without brackets, "" for the null sender)."""
         if _CONTROL_CHARS.search(sender):
             return Decision(replies.BAD_SENDER)
+        refusal, wants_dsn = dsn.check_mail(params, offered=self.session.dsn_offered)
+        if refusal is not None:
+            return Decision(refusal)
         txn = Transaction(new_id(), sender, params)
         limits = self.policy.session_limits
         limited = limits.on_transaction(self.session) or limits.duration_exceeded(
@@ -184,7 +190,11 @@ class SessionPolicy:
         self._pending, self._mail_outcome, self._rcpt_outcomes = txn, outcome, []
         needs = frozenset(
             name
-            for name, present in (("8BITMIME", "BODY=8BITMIME" in params), ("SMTPUTF8", "SMTPUTF8" in params))
+            for name, present in (
+                ("8BITMIME", "BODY=8BITMIME" in params),
+                ("SMTPUTF8", "SMTPUTF8" in params),
+                (dsn.DSN, wants_dsn),
+            )
             if present
         )
         return Decision(needs=needs)
@@ -207,6 +217,9 @@ class SessionPolicy:
             return Decision(replies.NEED_MAIL)
         if _CONTROL_CHARS.search(address):
             return Decision(replies.BAD_RECIPIENT)
+        refusal, wants_dsn = dsn.check_rcpt(params, offered=self.session.dsn_offered)
+        if refusal is not None:
+            return Decision(refusal)
         limited = self.policy.session_limits.duration_exceeded(self.session, time.monotonic())
         if limited is not None and limited.reply is not None:
             return Decision(limited.reply, disconnect=True)
@@ -218,7 +231,7 @@ class SessionPolicy:
                 return counted
             return Decision(reply, disconnect=outcome.disconnect, delay=counted.delay)
         self._rcpt_outcome = outcome if outcome.action is not Action.CONTINUE else None
-        return FORWARD
+        return Decision(needs=frozenset({dsn.DSN})) if wants_dsn else FORWARD
 
     def rcpt_answered(self, address: str, params: tuple[str, ...], reply: Reply) -> Decision:
         """The backend's reply to a forwarded RCPT.
@@ -250,6 +263,8 @@ class SessionPolicy:
         txn = self.txn
         assert txn is not None, "data() needs an open transaction"
         txn.message = message
+        ids = header_values(message, "message-id")
+        txn.message_id = sanitize(ids[0], limit=250) if ids else None
         self.session.messages += 1
         self.policy.metrics.message_size.observe(len(message))
         outcome = await self.policy.pipeline.run(Stage.DATA, self.session, txn)
@@ -280,6 +295,8 @@ class SessionPolicy:
         ``client_gone``: the client left while the backend had the message; SMTP
         cannot tell it any more, so the backend's reply (its queue id) is logged.
         """
+        if self.txn is not None and reply.is_positive:
+            self.txn.queue_id = queue_id(reply)
         if delivery.destination is not None:
             self.end("quarantined" if reply.is_positive else "tempfailed", "data", delivery.reason, reply)
         elif client_gone:
