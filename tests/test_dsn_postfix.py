@@ -142,3 +142,31 @@ async def test_dsn_not_offered_after_helo_or_before_the_backend_is_known(
         assert r.code in (501, 555), r  # parameters need EHLO (and an offer)
         assert (await c.cmd("EHLO client.test")).code == 250
         assert (await c.cmd(f"MAIL FROM:<{SENDER}> RET=FULL")).code == 250
+
+
+async def test_offered_dsn_then_a_backend_connection_without_it_is_a_4xx_and_the_next_ehlo_tells(
+    start_proxy: Any,
+) -> None:
+    backend = RecordingBackend(extra_extensions=("DSN",))
+    await backend.start()
+    try:
+        proxy = await start_proxy({}, backend_port=backend.port)
+        await _prime(proxy)
+        async with RawClient(proxy.host, proxy.port) as a, RawClient(proxy.host, proxy.port) as b:
+            await a.connect()
+            await b.connect()
+            assert "DSN" in (await a.cmd("EHLO a.test")).lines
+            backend.extra_extensions = ()  # the backend is reconfigured without DSN
+            assert (await b.cmd("EHLO b.test")).code == 250
+            assert (await b.cmd("MAIL FROM:<s@sender.example>")).code == 250  # holds the pooled connection
+            r = await a.cmd("MAIL FROM:<s@sender.example> RET=FULL")  # a new connection, no DSN
+            assert (r.code, r.lines[0][:5]) == (451, "4.3.0") and "DSN" in r.text, r
+            assert (await a.cmd("MAIL FROM:<s@sender.example>")).code == 250
+            r = await a.cmd(f"RCPT TO:<{GOOD}> NOTIFY=SUCCESS")
+            assert (r.code, r.lines[0][:5]) == (451, "4.3.0") and "DSN" in r.text, r
+            assert (await a.cmd(f"RCPT TO:<{GOOD}>")).code == 250
+        async with RawClient(proxy.host, proxy.port) as c:
+            await c.connect()
+            assert "DSN" not in (await c.cmd("EHLO c.test")).lines
+    finally:
+        await backend.stop()
