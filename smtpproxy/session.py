@@ -121,6 +121,7 @@ class Transaction:
     matched_rules: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     accepted_by: str | None = None  # an ACCEPT at MAIL, RCPT or DATA: no more filtering for this envelope
+    mail_reply: str | None = None  # the reply to MAIL FROM (code and enhanced code)
     message_id: str | None = None  # the Message-ID header field's value (sanitised), once DATA came
     queue_id: str | None = None  # the backend's queue id, from its 250 to the end of DATA
     extras: dict[str, Any] = field(default_factory=dict)  # per-check transaction state

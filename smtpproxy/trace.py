@@ -219,10 +219,13 @@ def render(story: Story) -> str:
     for rec in story.transactions:
         tls = f"  tls {rec['tls']}" if rec.get("tls") else ""
         out.append(f"{_when(rec)}  transaction {rec.get('txn')}  helo {rec.get('helo')}{tls}")
-        out.append(f"    MAIL FROM:<{rec.get('mail_from', '')}>")
+        params = "".join(f" {p}" for p in rec.get("mail_params") or [])
+        mail_reply = f"  {rec['mail_reply']}" if rec.get("mail_reply") else ""
+        out.append(f"    MAIL FROM:<{rec.get('mail_from', '')}>{params}{mail_reply}")
         for rcpt in rec.get("rcpts") or []:
             if isinstance(rcpt, dict):
-                out.append(f"    RCPT TO:<{rcpt.get('addr')}>  {rcpt.get('reply')}")
+                params = "".join(f" {p}" for p in rcpt.get("params") or [])
+                out.append(f"    RCPT TO:<{rcpt.get('addr')}>{params}  {rcpt.get('reply')}")
         if rec.get("stage") == "data" or rec.get("size"):
             out.append(
                 f"    DATA  message-id {rec.get('message_id') or '(none)'}  {rec.get('size', 0)} bytes"

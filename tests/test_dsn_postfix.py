@@ -76,6 +76,15 @@ async def test_notify_success_reaches_postfix_which_reports_delivery_to_the_send
     assert ours is not None
     line = next(f for f in _transactions(caplog) if f["txn"] == ours.group(1))
     assert line["queue_id"] == backend_id and line["action"] == "delivered"
+    # The DSN parameters are logged as the client wrote them (and as Postfix got them).
+    assert line["mail_params"] == ["RET=HDRS", "ENVID=Env+2BId.42"] and line["mail_reply"] == "250 2.1.0"
+    assert line["rcpts"] == [
+        {
+            "addr": GOOD,
+            "reply": "250 2.1.5",
+            "params": ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;User+2Bx@Example.org"],
+        }
+    ]
     assert line["message_id"] is not None and line["message_id"] in delivered
 
 

@@ -57,7 +57,7 @@ def test_million_line_log_planted_story_is_found_whole(
     expected = [
         "connect from",
         f"transaction {0x7A0000000000 + tracelog.TARGET:012X}",
-        "MAIL FROM:<sender1234@sender.example>",
+        "MAIL FROM:<sender1234@sender.example>  250 2.1.0",
         f"RCPT TO:<{tracelog.TARGET_RCPT}>  250 2.1.5",
         f"DATA  message-id {tracelog.TARGET_MESSAGE_ID}",
         "rules tag-newsletters",

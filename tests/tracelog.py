@@ -74,7 +74,8 @@ def templates() -> Templates:
         log = EventLog()
         log.connection_open(session)
         reply = Reply(250, "2.0.0", "Ok: queued as QQQQQQQQQQ")
-        rcpts = [("rrrr@example.org", "250 2.1.5")]
+        rcpts: list[tuple[str, str, tuple[str, ...]]] = [("rrrr@example.org", "250 2.1.5", ())]
+        txn.mail_reply = "250 2.1.0"
         log.transaction(session, txn, "delivered", "data", "clean", reply, rcpts)
         log.connection_closed(session)
         flush_logs()

@@ -99,6 +99,11 @@ class Delivery:
     header_edits: tuple[HeaderEdit, ...] = ()
 
 
+def _short(reply: Reply) -> str:
+    """A reply as the log line gives a command's: code and enhanced code (``250 2.1.5``)."""
+    return f"{reply.code} {reply.enhanced}".strip()
+
+
 def result_word(reply: Reply) -> str:
     """The log and metric word for a transaction the backend (or a quarantine) answered."""
     return "delivered" if reply.is_positive else "tempfailed" if reply.is_transient else "rejected"
@@ -139,7 +144,7 @@ class SessionPolicy:
         self._mail_outcome: StageOutcome | None = None
         self._rcpt_outcomes: list[StageOutcome] = []
         self._rcpt_outcome: StageOutcome | None = None  # of the RCPT the backend is asked about
-        self.rcpt_log: list[tuple[str, str]] = []
+        self.rcpt_log: list[tuple[str, str, tuple[str, ...]]] = []
         self.last: Transaction | None = None  # the transaction that ended last (for reports)
 
     # -- connection ---------------------------------------------------------------
@@ -204,6 +209,7 @@ class SessionPolicy:
         txn, self._pending = self._pending, None
         if txn is None:
             return
+        txn.mail_reply = _short(reply)
         if reply.is_positive:
             self.txn = txn
             self.session.transactions += 1
@@ -226,7 +232,7 @@ class SessionPolicy:
         outcome = await self.policy.pipeline.run(Stage.RCPT, self.session, txn, Recipient(address, params))
         if outcome.action in _REFUSING:
             reply = outcome.reply or replies.default_reply(outcome.action)
-            counted = self._count_rcpt(address, reply)
+            counted = self._count_rcpt(address, params, reply)
             if counted.reply is not None:
                 return counted
             return Decision(reply, disconnect=outcome.disconnect, delay=counted.delay)
@@ -240,7 +246,7 @@ class SessionPolicy:
         ``delay``), or the 421 that replaces it when a session limit is passed.
         """
         txn, outcome, self._rcpt_outcome = self.txn, self._rcpt_outcome, None
-        counted = self._count_rcpt(address, reply)
+        counted = self._count_rcpt(address, params, reply)
         if counted.reply is None and txn is not None and reply.is_positive:
             txn.recipients.append(Recipient(address, params))
             if outcome is not None:
@@ -331,11 +337,11 @@ class SessionPolicy:
         reply = outcome.reply or replies.default_reply(outcome.action)
         return Decision(reply, disconnect=outcome.disconnect)
 
-    def _count_rcpt(self, address: str, reply: Reply) -> Decision:
+    def _count_rcpt(self, address: str, params: tuple[str, ...], reply: Reply) -> Decision:
         """Count a recipient's outcome: the tarpit delay, and a 421 when rejections pass the limit."""
         outcome = "accepted" if reply.is_positive else "tempfailed" if reply.is_transient else "rejected"
         self.policy.metrics.recipients.labels(outcome).inc()
-        self.rcpt_log.append((address, f"{reply.code} {reply.enhanced}".strip()))
+        self.rcpt_log.append((address, _short(reply), params))
         if outcome != "rejected":
             return FORWARD
         return self.command_error("rejected_rcpt")
@@ -343,6 +349,7 @@ class SessionPolicy:
     def _log_refused_mail(self, txn: Transaction, reason: str, reply: Reply) -> None:
         """A transaction that ended at MAIL: the same action words as every other stage."""
         self.last = txn
+        txn.mail_reply = _short(reply)
         word = "tempfailed" if reply.is_transient else "rejected"
         self.policy.metrics.messages.labels(word, "mail", reason).inc()
         self.policy.logs.transaction(self.session, txn, word, "mail", reason, reply, [])
