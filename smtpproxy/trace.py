@@ -15,6 +15,7 @@ sessions open at a time (their connect lines), not by the size of the log.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import sys
@@ -253,13 +254,17 @@ def as_json_lines(story: Story) -> str:
     return "\n".join(json.dumps(r, ensure_ascii=False) for r in recs if r is not None)
 
 
-def _open_inputs(paths: list[str]) -> Iterator[IO[bytes]]:
+def _open_inputs(paths: list[str]) -> Iterator[Iterable[bytes]]:
     if not paths or paths == ["-"]:
         yield sys.stdin.buffer
         return
     for path in paths:
-        with open(path, "rb", buffering=1 << 20) as f:
-            yield f
+        if path.endswith(".gz"):  # rotated logs (logrotate's compress) are read as they are
+            with gzip.open(path, "rb") as z:
+                yield z
+        else:
+            with open(path, "rb", buffering=1 << 20) as f:
+                yield f
 
 
 def _lines(paths: list[str]) -> Iterator[bytes]:

@@ -7,6 +7,7 @@ to a temporary file and read the way an operator's would be, streamed.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -177,3 +178,13 @@ async def test_story_of_a_real_proxy_session_from_stdin_with_foreign_lines(
     lines = io.BytesIO(out.getvalue().encode())
     stories = list(find_stories(lines, Query(rcpt="nobody@elsewhere.example")))
     assert len(stories) == 1 and stories[0].transactions[0]["rcpts"][0]["reply"].startswith("550")
+
+
+def test_rotated_gzip_logs_are_read_in_order(
+    small_log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rotated = tmp_path / "smtpproxy.log.1.gz"
+    with gzip.open(rotated, "wb") as f:
+        f.write(small_log.read_bytes())
+    code, out = _trace(capsys, str(rotated), str(small_log), "--queue-id", tracelog.TARGET_QUEUE_ID)
+    assert code == 0 and len(_sessions(out)) == 2  # once per file
