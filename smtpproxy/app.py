@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from smtpproxy import __version__
 from smtpproxy.addresses import HostPort
 from smtpproxy.auth.authresults import forged_filter
 from smtpproxy.auth.checks import build_auth_checks
@@ -27,6 +28,7 @@ from smtpproxy.config import Config
 from smtpproxy.core_checks import LimitsCheck, RelayCheck
 from smtpproxy.dns import DnsReadiness, Resolver
 from smtpproxy.httpserver import MetricsServer
+from smtpproxy.inflight import InflightBudget, default_budget
 from smtpproxy.logs import EventLog, flush_logs
 from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
@@ -95,6 +97,9 @@ class App:
             self.pipeline, self.session_limits, self.metrics, self.logs, config.hostname, self.forged_ar
         )
         self.connections: set[InboundSMTP] = set()
+        self.inflight = InflightBudget(
+            config.limits.max_inflight_bytes or default_budget(), self.metrics.inflight_bytes
+        )
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -282,6 +287,8 @@ class App:
                     "relay_domains": len(config.relay_domains),
                     "relay_networks": len(config.relay_networks),
                     "rules": len(self.rules.current),
+                    "rules_folder": None if config.rules_path is None else str(config.rules_path),
+                    "version": __version__,
                     "checks": [check.name for check in self.checks],
                 }
             },

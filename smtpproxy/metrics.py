@@ -66,6 +66,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.inflight_bytes = Gauge(
+            "smtpproxy_inflight_bytes",
+            "Message bytes held in memory by transactions in progress (budget: limits.max_inflight_bytes).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.connection_duration = Histogram(
             "smtpproxy_connection_duration_seconds",
             "Duration of client connections.",
@@ -116,7 +122,7 @@ class Metrics:
         )
         self.check_errors = Counter(
             "smtpproxy_check_errors",
-            "Checks that raised or timed out, by check name and kind (error, timeout).",
+            "Checks that raised or timed out, by check name and kind (error, timeout; field: a rule field that could not be read).",
             ["check", "kind"],
             registry=r,
         )

@@ -23,7 +23,7 @@ from smtpproxy.session import Recipient, Session, Transaction
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Verdict
 from tests.dnsserver import DnsServer
 
-REPO_RULES = Path(__file__).resolve().parent.parent / "rules"
+REPO_RULES = Path(__file__).resolve().parent.parent / "smtpproxy" / "data" / "rules"
 CLEAN = b"From: a@example.net\r\nSubject: hello\r\nDate: Mon, 3 Jun 2024 10:00:00 +0000\r\nMessage-ID: <x@y>\r\n\r\nhi\r\n"
 
 
@@ -434,3 +434,40 @@ async def test_header_only_rules_never_parse_the_body(tmp_path: Path) -> None:
     await engine.check.data(session, txn)
     assert txn.matched_rules == ["free_subject", "from_shop"]
     assert "rules_body" not in txn.extras  # the MIME walk never ran
+
+
+async def test_a_field_reader_that_raises_is_counted_and_logged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a field reader must not pass silently as a rule that never matches."""
+    import dataclasses
+
+    from smtpproxy.rules import fields
+
+    def broken(ctx: fields.EvalContext) -> tuple[str, ...]:
+        raise RuntimeError("reader bug")
+
+    # Our own code made to fail (no library mocked): the subject reader raises.
+    monkeypatch.setitem(
+        fields.FIELDS, "subject", dataclasses.replace(fields.FIELDS["subject"], extract=broken)
+    )
+    engine = engine_for(
+        tmp_path,
+        """
+        - name: subject_rule
+          if: {subject: {contains: hello}}
+          then: {score: 3}
+        """,
+    )
+    for _ in range(3):
+        session, txn = new_session(), Transaction("T", "a@example.net")
+        await engine.check.mail(session, txn)
+        txn.message = CLEAN
+        await engine.check.data(session, txn)
+        assert "subject_rule" not in txn.matched_rules  # an unreadable fact is absent
+    errors = engine.metrics.registry.get_sample_value(
+        "smtpproxy_check_errors_total", {"check": "rules", "kind": "field"}
+    )
+    assert errors == 3
+    logged = [r for r in caplog.records if "field subject could not be read" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None

@@ -2,10 +2,13 @@
 
 ``load_config(path)`` reads YAML, validates every key and raises ``ConfigError``
 listing every problem as ``key.path: expected ..., got ...`` (each line says
-"got" once). Relative paths resolve against the folder of the config file (the
-current folder for the embedded defaults); the files and folders they name are
-checked too (``paths``): a missing rules folder, TLS file or maildir parent
-stops the start instead of switching something off.
+"got" once). A file names only what it changes: without a file (``path`` None)
+the model's defaults apply, and a file changes exactly the keys it writes.
+Relative paths written in a file resolve against its folder; defaults resolve
+as without a file (the maildir in the current folder, the packaged rules). The
+files and folders they name are checked too (``paths``): a missing rules
+folder, TLS file or maildir parent stops the start instead of switching
+something off.
 
 The top-level ``Config`` lives here; its sections by area in ``sections``
 (serving), ``auth`` (SPF, DKIM, ARC, DMARC) and ``ratelimits``; ``base`` has
@@ -24,7 +27,7 @@ from pydantic import AfterValidator, Field, ValidationError, field_validator
 from smtpproxy.addresses import HostPort, parse_hostport
 from smtpproxy.config.auth import ArcConfig, DkimConfig, DmarcConfig, SpfConfig
 from smtpproxy.config.base import CidrList, ConfigError, DomainList, PositiveFloat, Section
-from smtpproxy.config.paths import DEFAULT_MAILDIR, check_paths
+from smtpproxy.config.paths import DEFAULT_MAILDIR, MAILDIR, PACKAGED_RULES, check_paths, resolved_settings
 from smtpproxy.config.ratelimits import (
     ClientNetPrefix,
     RateLimitConfig,
@@ -44,7 +47,7 @@ from smtpproxy.config.sections import (
 )
 
 __all__ = [
-    "EMBEDDED_DEFAULTS",
+    "PACKAGED_RULES",
     "ArcConfig",
     "BackendOptions",
     "ClientNetPrefix",
@@ -64,6 +67,7 @@ __all__ = [
     "TlsConfig",
     "build_config",
     "load_config",
+    "resolved_settings",
 ]
 
 
@@ -75,7 +79,8 @@ class Config(Section):
     backend: str = DEFAULT_MAILDIR
     backend_options: BackendOptions = BackendOptions()
     metrics: str | None = "127.0.0.1:9125"
-    relay_domains: DomainList = []
+    # The same as without a config file: a file names only what it changes.
+    relay_domains: DomainList = ["example.org", "localhost"]
     # Postfix's mynetworks: clients that may relay to any domain. An accept rule
     # (a trusted-networks list) does not give relay permission; only this does.
     relay_networks: CidrList = []
@@ -84,8 +89,9 @@ class Config(Section):
     dkim: DkimConfig = DkimConfig()
     arc: ArcConfig = ArcConfig()
     dmarc: DmarcConfig = DmarcConfig()
-    # The rules folder; null: no rules on purpose (a folder that does not exist is an error).
-    rules: Path | None = Path("rules")
+    # The rules folder (default: the rules shipped in the package, see `smtpproxy rules path`);
+    # null: no rules on purpose (a folder that does not exist is an error).
+    rules: Path | None = PACKAGED_RULES
     rules_options: RulesOptionsConfig = RulesOptionsConfig()
     scores: ScoresConfig = ScoresConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -210,35 +216,28 @@ def build_config(data: dict[str, Any], *, source: str = "<defaults>", base_dir: 
     """Validate a mapping into a Config, or raise ConfigError naming every bad key.
 
     The files and folders it names are checked as well (``paths.check_paths``).
+    Keys left out keep their defaults and resolve as without a file: the
+    default maildir is ``./var/mail`` of the current folder, not of ``base_dir``.
     """
     if not isinstance(data, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of keys, got {_describe(data)}"])
+    default_maildir = "backend" not in data
+    if default_maildir:
+        data = {**data, "backend": MAILDIR + str(Path.cwd() / DEFAULT_MAILDIR[len(MAILDIR) :])}
     try:
         config = Config.model_validate({**data, "base_dir": base_dir or Path.cwd()})
     except ValidationError as err:
         raise ConfigError(source, _format_errors(err)) from None
-    problems = check_paths(config)
+    problems = check_paths(config, default_maildir=default_maildir)
     if problems:
         raise ConfigError(source, problems)
     return config
 
 
-# What `smtpproxy serve` runs on without --config: a newcomer's first look.
-# Mail for example.org and localhost flows into ./var/mail (a Maildir).
-EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "listen": "127.0.0.1:2525",
-    "hostname": "localhost",
-    "backend": "maildir:./var/mail",
-    "metrics": "127.0.0.1:9125",
-    "relay_domains": ["example.org", "localhost"],
-    "rules": "rules",
-}
-
-
 def load_config(path: str | Path | None) -> Config:
-    """Load and validate the YAML file at ``path``; None gives the embedded defaults."""
+    """Load and validate the YAML file at ``path``; None gives the defaults (the same as an empty file)."""
     if path is None:
-        return build_config(EMBEDDED_DEFAULTS, source="<embedded defaults>")
+        return build_config({}, source="<embedded defaults>")
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

@@ -45,6 +45,7 @@ from smtpproxy.pipeline import Pipeline
 from smtpproxy.policy import dsn
 from smtpproxy.policy.combine import combine
 from smtpproxy.ratelimit.session_limits import SessionLimits
+from smtpproxy.rules.facts import drop_content_facts
 from smtpproxy.session import Recipient, Session, Transaction, new_id
 from smtpproxy.stages import Stage
 from smtpproxy.verdict import Action, HeaderEdit, Reply, StageOutcome
@@ -64,12 +65,14 @@ class Decision:
     the backend's own reply. ``delay``: wait that long before answering (the
     tarpit). ``needs``: at MAIL and RCPT, the extensions the backend must
     offer for this command (8BITMIME, SMTPUTF8, DSN).
+    ``reason``: the check, rule or limit that refused (logs and reports).
     """
 
     reply: Reply | None = None
     disconnect: bool = False
     delay: float = 0.0
     needs: frozenset[str] = frozenset()
+    reason: str = ""
 
     @property
     def forward(self) -> bool:
@@ -154,7 +157,8 @@ class SessionPolicy:
         outcome = await self.policy.pipeline.run(Stage.CONNECT, self.session)
         if outcome.action in _REFUSING:
             self.policy.metrics.connections_rejected.labels(outcome.decided_by or "policy").inc()
-            return Decision(outcome.reply or replies.CONNECTION_REFUSED, disconnect=True)
+            reason = outcome.decided_by or "policy"
+            return Decision(outcome.reply or replies.CONNECTION_REFUSED, disconnect=True, reason=reason)
         return FORWARD
 
     async def helo(self, name: str, *, esmtp: bool) -> Decision:
@@ -176,17 +180,17 @@ class SessionPolicy:
     async def mail(self, sender: str, params: tuple[str, ...]) -> Decision:
         """MAIL FROM (``sender`` without brackets, "" for the null sender)."""
         if _CONTROL_CHARS.search(sender):
-            return Decision(replies.BAD_SENDER)
+            return Decision(replies.BAD_SENDER, reason="syntax")
         refusal, wants_dsn = dsn.check_mail(params, offered=self.session.dsn_offered)
         if refusal is not None:
-            return Decision(refusal)
+            return Decision(refusal, reason="dsn")
         txn = Transaction(new_id(), sender, params)
         limits = self.policy.session_limits
         limited = limits.on_transaction(self.session) or limits.duration_exceeded(
             self.session, time.monotonic()
         )
         if limited is not None and limited.reply is not None:
-            return Decision(limited.reply, disconnect=True)
+            return Decision(limited.reply, disconnect=True, reason=limited.reasons[0])
         outcome = await self.policy.pipeline.run(Stage.MAIL, self.session, txn)
         if outcome.action in _REFUSING:
             reply = outcome.reply or replies.default_reply(outcome.action)
@@ -220,22 +224,22 @@ class SessionPolicy:
         """RCPT TO: refuse it here, or pass it on to the backend."""
         txn = self.txn
         if txn is None:
-            return Decision(replies.NEED_MAIL)
+            return Decision(replies.NEED_MAIL, reason="syntax")
         if _CONTROL_CHARS.search(address):
-            return Decision(replies.BAD_RECIPIENT)
+            return Decision(replies.BAD_RECIPIENT, reason="syntax")
         refusal, wants_dsn = dsn.check_rcpt(params, offered=self.session.dsn_offered)
         if refusal is not None:
-            return Decision(refusal)
+            return Decision(refusal, reason="dsn")
         limited = self.policy.session_limits.duration_exceeded(self.session, time.monotonic())
         if limited is not None and limited.reply is not None:
-            return Decision(limited.reply, disconnect=True)
+            return Decision(limited.reply, disconnect=True, reason=limited.reasons[0])
         outcome = await self.policy.pipeline.run(Stage.RCPT, self.session, txn, Recipient(address, params))
         if outcome.action in _REFUSING:
             reply = outcome.reply or replies.default_reply(outcome.action)
             counted = self._count_rcpt(address, params, reply)
             if counted.reply is not None:
                 return counted
-            return Decision(reply, disconnect=outcome.disconnect, delay=counted.delay)
+            return Decision(reply, outcome.disconnect, counted.delay, reason=outcome.decided_by)
         self._rcpt_outcome = outcome if outcome.action is not Action.CONTINUE else None
         return Decision(needs=frozenset({dsn.DSN})) if wants_dsn else FORWARD
 
@@ -259,7 +263,7 @@ class SessionPolicy:
         verdict = limits.on_command_error(self.session, kind)
         delay = limits.tarpit_delay(self.session)
         if verdict is not None and verdict.reply is not None:
-            return Decision(verdict.reply, disconnect=True, delay=delay)
+            return Decision(verdict.reply, disconnect=True, delay=delay, reason=verdict.reasons[0])
         return Decision(delay=delay)
 
     # -- content ------------------------------------------------------------------
@@ -274,6 +278,7 @@ class SessionPolicy:
         self.session.messages += 1
         self.policy.metrics.message_size.observe(len(message))
         outcome = await self.policy.pipeline.run(Stage.DATA, self.session, txn)
+        drop_content_facts(txn)  # what the rules decoded of the content: no check reads it any more
         final = combine(
             outcome, self._mail_outcome, self._rcpt_outcomes, txn.accepted_by or self.session.accepted_by
         )
@@ -289,6 +294,8 @@ class SessionPolicy:
         trace = received_header(self.session, txn, self.policy.hostname)
         # Incoming Authentication-Results claiming our authserv-id are forgeries.
         content = apply_edits(message, final.header_edits, prepend=trace, drop=self.policy.forged_ar)
+        # What goes out replaces what came in: one copy is held while it is sent.
+        txn.message = content
         if action is Action.QUARANTINE:
             return Delivery(
                 action, reason or "quarantine", None, content, final.quarantine_to, header_edits=edits
@@ -308,6 +315,8 @@ class SessionPolicy:
         elif client_gone:
             self.end(result_word(reply), "data", "client_lost_before_reply", reply)
         elif reply.is_positive:
+            # As Postfix does: junk commands are counted again from a delivery on.
+            self.session.junk_commands = 0
             word = "quarantined" if delivery.action is Action.QUARANTINE else "delivered"
             self.end(word, "data", delivery.reason, reply)
         else:
@@ -335,7 +344,7 @@ class SessionPolicy:
 
     def _refusal(self, outcome: StageOutcome) -> Decision:
         reply = outcome.reply or replies.default_reply(outcome.action)
-        return Decision(reply, disconnect=outcome.disconnect)
+        return Decision(reply, disconnect=outcome.disconnect, reason=outcome.decided_by)
 
     def _count_rcpt(self, address: str, params: tuple[str, ...], reply: Reply) -> Decision:
         """Count a recipient's outcome: the tarpit delay, and a 421 when rejections pass the limit."""

@@ -54,7 +54,8 @@ class OfflineResult:
 def _refusal(decision: Decision, stage: str) -> OfflineResult:
     reply = decision.reply
     assert reply is not None
-    return OfflineResult(Action.TEMPFAIL if reply.is_transient else Action.REJECT, stage, reply)
+    action = Action.TEMPFAIL if reply.is_transient else Action.REJECT
+    return OfflineResult(action, stage, reply, decision.reason)
 
 
 async def _run(

@@ -29,6 +29,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from smtpproxy.quarantine import quarantine_headers
 from smtpproxy.rules.actions import QUARANTINE_HEADER, RuleActions
 from smtpproxy.rules.conditions import Evidence
 from smtpproxy.rules.fields import EvalContext
@@ -101,6 +102,14 @@ class RulesCheck(Check):
 
     def __init__(self, engine: RulesEngine) -> None:
         self.engine = engine
+        self._failed_fields: set[str] = set()  # logged once each; every failure is counted
+
+    def field_failed(self, name: str, err: Exception) -> None:
+        """A field reader raised: counted in smtpproxy_check_errors{check="rules",kind="field"}, logged once."""
+        self.engine.metrics.check_errors.labels("rules", "field").inc()
+        if name not in self._failed_fields:
+            self._failed_fields.add(name)
+            log.error("rules: field %s could not be read (rules using it do not match)", name, exc_info=err)
 
     def active(self, stage: Stage) -> bool:
         """MAIL (captures the rule set) and DATA (score thresholds) always; others when rules exist."""
@@ -224,7 +233,7 @@ class RulesCheck(Check):
         # Each greeting is judged afresh: a second EHLO replaces the first's score.
         entry = start_stage(session, stage)
         await self.prefetch_dnsbl(session, ruleset.dnsbl_zones[stage])
-        result = await self.run_rules(rules, EvalContext(session, None, stage))
+        result = await self.run_rules(rules, EvalContext(session, None, stage, on_error=self.field_failed))
         entry.matches.extend(result.matched)
         entry.edits.extend(result.edits)
         entry.stopped = result.stopped
@@ -260,7 +269,7 @@ class RulesCheck(Check):
         if txn.extras.get("rules_done") or not rules:
             return None
         await self.prefetch_dnsbl(session, ruleset.dnsbl_zones[stage])
-        result = await self.run_rules(rules, EvalContext(session, txn, stage, rcpt))
+        result = await self.run_rules(rules, EvalContext(session, txn, stage, rcpt, self.field_failed))
         self._record(txn, result)
         txn.extras["rules_edits"].extend(result.edits)
         rule = result.terminal
@@ -301,6 +310,8 @@ class RulesCheck(Check):
             quarantine_to = rule.actions.quarantine_to
         elif action is Action.QUARANTINE:
             edits.append(HeaderEdit(HeaderEditKind.ADD, QUARANTINE_HEADER, "score"))
+        if action is Action.QUARANTINE and quarantine_to is not None:
+            edits += quarantine_headers(txn)
         reasons = (reason,) if action.is_terminal else tuple(dict.fromkeys(txn.matched_rules))
         return Verdict(action, reply, tuple(edits), reasons, quarantine_to=quarantine_to)
 

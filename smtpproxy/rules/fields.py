@@ -33,18 +33,28 @@ class Kind(enum.Enum):
     BOOL = "true/false"
 
 
+# Told when a field cannot be read: the field's name and what went wrong.
+FieldErrorHook = Callable[[str, Exception], None]
+
+
 class EvalContext:
     """One evaluation of rules: the session, the transaction and recipient when known."""
 
-    __slots__ = ("_memo", "rcpt", "regex_hits", "session", "stage", "txn")
+    __slots__ = ("_memo", "on_error", "rcpt", "regex_hits", "session", "stage", "txn")
 
     def __init__(
-        self, session: Session, txn: Transaction | None, stage: Stage, rcpt: Recipient | None = None
+        self,
+        session: Session,
+        txn: Transaction | None,
+        stage: Stage,
+        rcpt: Recipient | None = None,
+        on_error: FieldErrorHook | None = None,
     ) -> None:
         self.session = session
         self.txn = txn
         self.stage = stage
         self.rcpt = rcpt
+        self.on_error = on_error
         self._memo: dict[str, tuple[Any, ...]] = {}
         # regex group key -> {pattern index: first value it matched}; filled by conditions.
         self.regex_hits: dict[object, dict[int, str]] = {}
@@ -55,8 +65,12 @@ class EvalContext:
         if found is None:
             try:
                 found = spec.extract(self)
-            except Exception:  # a fact that cannot be read is a fact that is absent
+            except Exception as err:
+                # A fact that cannot be read is absent (the rule does not match),
+                # but a bug of ours must be seen: counted and logged, not swallowed.
                 found = ()
+                if self.on_error is not None:
+                    self.on_error(spec.name, err)
             self._memo[spec.name] = found
         return found
 
