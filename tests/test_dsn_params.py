@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtpproxy.policy import dsn
 from smtpproxy.server import split_dsn
@@ -80,3 +82,21 @@ def test_dsn_parameters_are_set_aside_in_their_own_case() -> None:
     assert aside == ["notify=Success", "ORCPT=rfc822;User@Example.org"]
     assert split_dsn("SIZE=10") == ("SIZE=10", [])
     assert split_dsn("") == ("", []) and split_dsn(None) == (None, [])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    name=st.sampled_from(["RET", "ENVID", "NOTIFY", "ORCPT", "notify", "Orcpt", "SIZE"]),
+    value=st.text(max_size=120),
+    offered=st.booleans(),
+)
+def test_any_parameter_value_gets_a_reply_or_passes_never_an_exception(
+    name: str, value: str, offered: bool
+) -> None:
+    for check in (dsn.check_mail, dsn.check_rcpt):
+        refusal, given = check((f"{name}={value}",), offered=offered)
+        assert given == (name.upper() in dsn.KEYWORDS)
+        if refusal is not None:
+            assert refusal.code in (501, 555) and refusal.enhanced == "5.5.4"
+        elif given:
+            assert offered and (dsn.is_xtext(value) or name.upper() in ("RET", "NOTIFY"))
