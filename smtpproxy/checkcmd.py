@@ -45,6 +45,10 @@ def report(result: OfflineResult) -> dict[str, Any]:
         for r in result.recipients
     ]
     return {
+        "transaction": txn.id if txn is not None else None,
+        # The pretended backend has no queue: None unless it named one.
+        "queue_id": txn.queue_id if txn is not None else None,
+        "message_id": txn.message_id if txn is not None else None,
         "action": result.action.word,
         "stage": result.stage,
         "reply": result.reply.render(),

@@ -1,4 +1,4 @@
-"""Command line: ``smtpproxy serve | config | check | init | rules check|test|path | quarantine ...``.
+"""Command line: ``smtpproxy serve | config | check | init | rules check|test|path | quarantine ... | trace``.
 
 Exit codes: 0 success, 1 a test or check failed, 2 the configuration or rules
 are invalid (the message names the file, key or line).
@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from smtpproxy.config import Config, ConfigError, load_config, resolved_settings
 from smtpproxy.logs import setup_logging
@@ -81,7 +82,58 @@ def build_parser() -> argparse.ArgumentParser:
     path = rules_sub.add_parser("path", help="print the rules folder in use (the packaged one by default)")
     path.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
     add_quarantine(sub)
+    _add_trace(sub)
     return parser
+
+
+def _add_trace(sub: Any) -> None:
+    trace = sub.add_parser(
+        "trace",
+        help="print the story of matching messages from JSON log lines",
+        description="Reads our JSON log lines (files, or stdin: journalctl -o cat -u smtpproxy | smtpproxy "
+        "trace --to user@example.org) and prints each matching session: connect, each transaction's "
+        "commands and replies, rules, results, the backend's reply and queue id, disconnect. "
+        "Every given filter must match. Exit 0 when something was found, 1 when not.",
+    )
+    trace.add_argument("logs", nargs="*", help="log files (default, or '-': stdin)")
+    trace.add_argument("--message-id", help="the Message-ID header (with or without <>)")
+    trace.add_argument("--txn", help="our transaction id (the 'id' of our Received field)")
+    trace.add_argument("--queue-id", help="the backend's queue id (from its 250 reply)")
+    trace.add_argument("--session", help="our session (connection) id")
+    trace.add_argument("--from", dest="sender", help="the envelope sender (MAIL FROM)")
+    trace.add_argument("--to", dest="rcpt", help="an envelope recipient (RCPT TO)")
+    trace.add_argument("--client-ip", help="the client's address")
+    trace.add_argument("--since", help="from this time on (epoch seconds or ISO 8601, UTC unless given)")
+    trace.add_argument("--until", help="up to this time (same forms)")
+    trace.add_argument("--json", action="store_true", help="print the matching log lines instead of text")
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from smtpproxy.trace import Query, parse_time, run
+
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as err:
+        print(f"error: --since/--until: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    query = Query(
+        args.message_id,
+        args.txn,
+        args.queue_id,
+        args.session,
+        args.sender,
+        args.rcpt,
+        args.client_ip,
+        since,
+        until,
+    )
+    try:
+        found = run(args.logs, query, as_json=args.json)
+    except OSError as err:
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK if found else EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
         return _init(Path(args.dir))
+    if args.command == "trace":  # reads logs, needs no configuration
+        return _trace(args)
     try:
         config = load_config(args.config)
     except ConfigError as err:

@@ -86,12 +86,14 @@ class ConnectionHandler:
         if refused:
             return [refused]
         lines: list[str] = server.ehlo_lines()
+        self.session.dsn_offered = any(line[4:] == "DSN" for line in lines)
         return lines
 
     async def _helo(self, aio_session: Any, hostname: str, *, esmtp: bool) -> str | None:
         if self.txn is not None:
             await self.end_transaction("aborted", "helo", "helo_reset", None)
         aio_session.host_name = hostname
+        self.session.dsn_offered = False
         decision = await self.policy.helo(hostname, esmtp=esmtp)
         if decision.forward:
             return None
@@ -133,7 +135,8 @@ class ConnectionHandler:
         decision = await self.policy.rcpt(address, tuple(options))
         if not decision.forward:
             return await self._answer(decision)
-        reply = await btx.rcpt(address, list(options))
+        refused = btx.unsupported(decision.needs, "RCPT TO") if decision.needs else None
+        reply = refused or await btx.rcpt(address, list(options))
         answered = self.policy.rcpt_answered(address, tuple(options), reply)
         if not answered.forward:
             return await self._answer(answered)

@@ -212,9 +212,9 @@ class EventLog:
         stage: str,
         reason: str,
         reply: Reply | None,
-        rcpts: list[tuple[str, str]],
+        rcpts: list[tuple[str, str, tuple[str, ...]]],
     ) -> None:
-        """The one line per transaction."""
+        """The one line per transaction (``rcpts``: address, reply, parameters of each RCPT)."""
         results: dict[str, Any] = {}
         for name, value in txn.results.items():
             results[name] = [r.result for r in value] if isinstance(value, list) else value.result
@@ -225,12 +225,20 @@ class EventLog:
             "helo": session.helo,
             "tls": session.tls.version if session.tls else None,
             "mail_from": txn.mail_from,
-            "rcpts": [{"addr": a, "reply": r} for a, r in rcpts],
+            "mail_params": list(txn.mail_params),
+            "mail_reply": txn.mail_reply,
+            # Parameters (NOTIFY, ORCPT) only where given: most recipients have none.
+            "rcpts": [
+                {"addr": a, "reply": r, "params": list(p)} if p else {"addr": a, "reply": r}
+                for a, r, p in rcpts
+            ],
             "size": txn.size,
             "action": action,
             "stage": stage,
             "reason": reason,
             "reply": reply.render() if reply else None,
+            "queue_id": txn.queue_id,
+            "message_id": txn.message_id,
             "score": txn.score,
             "rules": txn.matched_rules,
             "results": results,

@@ -22,6 +22,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail, syntax
 from smtpproxy.dataread import DataProblem, read_data
 from smtpproxy.handler import ConnectionHandler
 from smtpproxy.inflight import Ticket
+from smtpproxy.policy.dsn import KEYWORDS as DSN_KEYWORDS
 from smtpproxy.replies import ERROR_KINDS, INTERNAL_ERROR, SHUTTING_DOWN, with_enhanced_code
 from smtpproxy.session import Session, TlsInfo, new_id
 from smtpproxy.tls import handshake_failure_reason
@@ -106,6 +107,7 @@ class InboundSMTP(SMTP):
         self.line_length_limit = cfg.limits.max_line_length + 2
         self.session_facts: Session | None = None
         self.conn: ConnectionHandler | None = None
+        self.dsn_params: list[str] = []  # of the MAIL/RCPT being parsed, as the client wrote them
         self._held: list[bytes] = []  # replies not written yet (see push)
         reader = _FlushingReader(loop=loop, limit=self.line_length_limit)
         reader.before_wait = self._write_held
@@ -190,6 +192,7 @@ class InboundSMTP(SMTP):
         # RFC 3207 §4.2: forget what the client said before TLS.
         self.session_facts.helo = None
         self.session_facts.esmtp = False
+        self.session_facts.dsn_offered = False
 
     def connection_lost(self, error: Exception | None) -> None:
         facts = self.session_facts
@@ -348,6 +351,8 @@ class InboundSMTP(SMTP):
             "250-SMTPUTF8",
             "250-ENHANCEDSTATUSCODES",
         ]
+        if self.app.backend.offers("DSN"):
+            lines.append("250-DSN")
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("250-STARTTLS")
         lines[-1] = "250 " + lines[-1][4:]
@@ -360,11 +365,18 @@ class InboundSMTP(SMTP):
         # (quoted local parts, source routes, bare addresses) the full parser.
         m = _SIMPLE_PATH.match(arg)
         if m is not None and ".." not in m.group(1):
-            return m.group(1), m.group(2).lstrip(" \t")
-        if arg.startswith("<>") and (len(arg) == 2 or arg[2] == " "):
-            return "<>", arg[2:]
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
-        return result
+            address, rest = m.group(1), m.group(2).lstrip(" \t")
+        elif arg.startswith("<>") and (len(arg) == 2 or arg[2] == " "):
+            address, rest = "<>", arg[2:]
+        else:
+            address, rest = super()._getaddr(arg)
+        # aiosmtpd answers 555 to parameters it does not know, and upper-cases
+        # the ones it passes on; ENVID and ORCPT must reach the backend as
+        # written (xtext is case-sensitive). So the DSN parameters are set
+        # aside here, in their own case, for the hook to add back (the policy
+        # validates them); aiosmtpd sees the rest.
+        rest, self.dsn_params = split_dsn(rest)
+        return address, rest
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -529,6 +541,17 @@ class InboundSMTP(SMTP):
             self._last_activity = self.loop.time()
 
 
+def split_dsn(params: str | None) -> tuple[str | None, list[str]]:
+    """(the MAIL/RCPT parameters without the DSN ones, the DSN ones as written)."""
+    if not params:
+        return params, []
+    kept: list[str] = []
+    dsn: list[str] = []
+    for word in params.split():
+        (dsn if word.partition("=")[0].upper() in DSN_KEYWORDS else kept).append(word)
+    return (" ".join(kept) if dsn else params), dsn
+
+
 # The SMTP verbs InboundSMTP implements (its smtp_* methods), computed once.
 SMTP_COMMANDS = tuple(name[len("smtp_") :] for name in dir(InboundSMTP) if name.startswith("smtp_"))
 
@@ -557,11 +580,13 @@ class _HandlerShim:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        options = options + self._server.dsn_params
         return await self._conn().handle_MAIL(server, session, envelope, address, options)
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        options = options + self._server.dsn_params
         return await self._conn().handle_RCPT(server, session, envelope, address, options)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:

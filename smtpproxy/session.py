@@ -65,6 +65,7 @@ class Session:
     rdns: str | None = None  # verified reverse name, None when unknown
     helo: str | None = None
     esmtp: bool = False
+    dsn_offered: bool = False  # our last EHLO reply offered DSN (so the backend did)
     tls: TlsInfo | None = None
     transactions: int = 0  # MAIL commands accepted so far
     messages: int = 0  # messages that reached end of DATA
@@ -121,6 +122,9 @@ class Transaction:
     matched_rules: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     accepted_by: str | None = None  # an ACCEPT at MAIL, RCPT or DATA: no more filtering for this envelope
+    mail_reply: str | None = None  # the reply to MAIL FROM (code and enhanced code)
+    message_id: str | None = None  # the Message-ID header field's value (sanitised), once DATA came
+    queue_id: str | None = None  # the backend's queue id, from its 250 to the end of DATA
     extras: dict[str, Any] = field(default_factory=dict)  # per-check transaction state
 
     @property

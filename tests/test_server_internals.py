@@ -48,6 +48,32 @@ def test_fast_address_path_agrees_with_aiosmtpd_parser(local: str, domain: str, 
         loop.close()
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    rest=st.sampled_from(["", " SIZE=100", " BODY=8BITMIME SMTPUTF8"]),
+    dsn=st.lists(
+        st.sampled_from(
+            ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;User+2Bx@Example.org", "ret=hdrs", "ENVID=Ab+2Bc"]
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_dsn_parameters_are_set_aside_and_the_rest_is_what_aiosmtpd_would_see(
+    rest: str, dsn: list[str]
+) -> None:
+    """aiosmtpd answers 555 to unknown parameters and upper-cases the rest: DSN ones go around it, as written."""
+    loop = asyncio.new_event_loop()
+    try:
+        reference = SMTP(object(), loop=loop)
+        arg = "<user@example.org>" + rest + "".join(" " + p for p in dsn)
+        ours = InboundSMTP._getaddr(reference, arg)  # type: ignore[arg-type]
+        assert ours == reference._getaddr("<user@example.org>" + rest)
+        assert reference.dsn_params == dsn  # type: ignore[attr-defined]
+    finally:
+        loop.close()
+
+
 async def test_stream_reader_keeps_its_buffer_where_the_flushing_reader_reads_it() -> None:
     """_FlushingReader reads StreamReader._buffer (as aiosmtpd does): a change must fail here."""
     reader = _FlushingReader(loop=asyncio.get_running_loop(), limit=100)

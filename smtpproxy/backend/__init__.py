@@ -57,6 +57,10 @@ class BackendTransaction(Protocol):
         """Send the content; the returned reply is the client's final answer."""
         ...
 
+    def unsupported(self, needs: frozenset[str], command: str) -> Reply | None:
+        """The refusal when this transaction's connection lacks an extension in ``needs`` (at RCPT)."""
+        ...
+
     async def finish(self) -> None:
         """End the transaction (RSET if unfinished) and give the connection back."""
         ...
@@ -68,7 +72,16 @@ class Backend(Protocol):
     async def begin(self, client: ClientFacts, needs: frozenset[str]) -> BackendTransaction | Reply:
         """A transaction ready for MAIL, or the 4xx reply to give the client.
 
-        ``needs`` names extensions the message requires (8BITMIME, SMTPUTF8).
+        ``needs`` names extensions the message requires (8BITMIME, SMTPUTF8, DSN).
+        """
+        ...
+
+    def offers(self, extension: str) -> bool:
+        """Whether the backend offers ``extension`` (DSN), as far as it is known before a transaction.
+
+        The EHLO we answer is written before any backend connection is taken, so
+        this is the backend's last EHLO; each transaction checks its own
+        connection again (``begin``, ``unsupported``).
         """
         ...
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from smtpproxy.backend import ClientFacts
 from smtpproxy.headers import sanitize
+from smtpproxy.policy.dsn import DSN, unsupported_reply
 from smtpproxy.session import new_id
 from smtpproxy.verdict import Reply
 
@@ -68,6 +69,10 @@ class MaildirTransaction:
             return Reply(451, "4.3.0", f"Local delivery failed: {err.strerror or 'I/O error'}")
         return Reply(250, "2.0.0", f"Ok: queued as {name.split('.')[1]}")
 
+    def unsupported(self, needs: frozenset[str], command: str) -> Reply | None:
+        """A Maildir sends no delivery notifications: DSN parameters are refused."""
+        return unsupported_reply(command) if DSN in needs else None
+
     async def finish(self) -> None:
         """Nothing to release."""
 
@@ -83,12 +88,18 @@ class MaildirBackend:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     async def begin(self, client: ClientFacts, needs: frozenset[str]) -> MaildirTransaction | Reply:
-        """A transaction, or 451 4.3.0 when the Maildir cannot be created."""
+        """A transaction, or 451 4.3.0 when the Maildir cannot be created (or the refusal of DSN)."""
+        if DSN in needs:
+            return unsupported_reply("MAIL FROM")
         try:
             self._ensure()
         except OSError as err:
             return Reply(451, "4.3.0", f"Local mailbox unavailable: {err.strerror or 'I/O error'}")
         return MaildirTransaction(self.root)
+
+    def offers(self, extension: str) -> bool:
+        """A Maildir offers no DSN."""
+        return extension.upper() != DSN
 
     async def probe(self) -> str | None:
         """Ready when the Maildir exists (or can be made) and is writable."""

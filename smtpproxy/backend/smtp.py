@@ -36,6 +36,7 @@ from smtpproxy.backend.forward import client_attributes, ehlo_name
 from smtpproxy.backend.wire import IdentityRefused, StartTlsFailed, TlsRequired, failure, wire_parts
 from smtpproxy.config import BackendOptions
 from smtpproxy.metrics import Metrics
+from smtpproxy.policy.dsn import DSN, unsupported_reply
 from smtpproxy.verdict import Reply
 
 log = logging.getLogger("smtpproxy.backend")
@@ -155,6 +156,10 @@ class SmtpTransaction:
         self.conn.transactions += 1
         return self._reply("data", response.code, response.message)
 
+    def unsupported(self, needs: frozenset[str], command: str) -> Reply | None:
+        """The refusal when this connection lacks an extension a RCPT needs (DSN)."""
+        return self.backend._unsupported(self.conn, needs, command)
+
     async def finish(self) -> None:
         """Give the connection back (RSET first when the transaction did not complete)."""
         if self.broken or self.state == "data":
@@ -182,6 +187,8 @@ class SmtpBackend:
         self._quitting: set[asyncio.Task[None]] = set()
         self._open = 0
         self._slots = asyncio.Semaphore(options.pool_size)
+        # The extensions of the backend's last EHLO (None before the first).
+        self._extensions: frozenset[str] | None = None
         self._tls_context = ssl.create_default_context()
         if not options.tls_verify:
             self._tls_context.check_hostname = False
@@ -227,7 +234,18 @@ class SmtpBackend:
             client.close()
             raise
         self.metrics.backend_up.set(1)
+        self._extensions = frozenset(client.esmtp_extensions)
         return _Connection(client)
+
+    def offers(self, extension: str) -> bool:
+        """Whether the backend's last EHLO offered ``extension``; False before the first connection.
+
+        Pessimistic while unknown: a client not offered DSN sends no DSN
+        parameters, while one offered DSN whose backend connection then lacks it
+        can only be told to try again later.
+        """
+        known = self._extensions
+        return known is not None and extension.lower() in known
 
     async def _xclient(self, conn: _Connection, facts: ClientFacts) -> Reply | None:
         """XCLIENT makes the backend see the original client; it answers a new greeting.
@@ -278,7 +296,7 @@ class SmtpBackend:
         if refused is not None:
             self.release(conn)
             return refused
-        problem = self._unsupported(conn, needs)
+        problem = self._unsupported(conn, needs, "MAIL FROM")
         if problem is not None:
             self.release(conn)
             return problem
@@ -314,9 +332,12 @@ class SmtpBackend:
         log.warning("backend %s:%d unavailable: %s: %s", self.host, self.port, type(err).__name__, err)
         return reply
 
-    def _unsupported(self, conn: _Connection, needs: frozenset[str]) -> Reply | None:
+    def _unsupported(self, conn: _Connection, needs: frozenset[str], command: str) -> Reply | None:
         # Forwarding 8-bit or UTF-8 content to a backend that does not accept it
-        # would corrupt it: refuse instead (RFC 6152, RFC 6531).
+        # would corrupt it: refuse instead (RFC 6152, RFC 6531). DSN parameters
+        # a backend does not know it would refuse with a bare 555; ours says why.
+        if DSN in needs and not conn.client.supports_extension("dsn"):
+            return unsupported_reply(command)
         if "SMTPUTF8" in needs and not conn.client.supports_extension("smtputf8"):
             return Reply(553, "5.6.7", "SMTPUTF8 is not supported by the destination mail server")
         if "8BITMIME" in needs and not conn.client.supports_extension("8bitmime"):

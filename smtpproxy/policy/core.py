@@ -36,8 +36,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import smtpproxy.policy.dsn as dsn
 from smtpproxy import replies
-from smtpproxy.headers import apply_edits, received_header
+from smtpproxy.backend.queueid import queue_id
+from smtpproxy.headers import apply_edits, header_values, received_header, sanitize
 from smtpproxy.logs import EventLog
 from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
@@ -61,7 +63,8 @@ class Decision:
 
     ``reply`` None means: pass the command on to the backend and answer with
     the backend's own reply. ``delay``: wait that long before answering (the
-    tarpit). ``needs``: at MAIL, the extensions the backend must offer.
+    tarpit). ``needs``: at MAIL and RCPT, the extensions the backend must
+    offer for this command (8BITMIME, SMTPUTF8, DSN).
     ``reason``: the check, rule or limit that refused (logs and reports).
     """
 
@@ -97,6 +100,11 @@ class Delivery:
     destination: str | None = None
     disconnect: bool = False
     header_edits: tuple[HeaderEdit, ...] = ()
+
+
+def _short(reply: Reply) -> str:
+    """A reply as the log line gives a command's: code and enhanced code (``250 2.1.5``)."""
+    return f"{reply.code} {reply.enhanced}".strip()
 
 
 def result_word(reply: Reply) -> str:
@@ -139,7 +147,7 @@ class SessionPolicy:
         self._mail_outcome: StageOutcome | None = None
         self._rcpt_outcomes: list[StageOutcome] = []
         self._rcpt_outcome: StageOutcome | None = None  # of the RCPT the backend is asked about
-        self.rcpt_log: list[tuple[str, str]] = []
+        self.rcpt_log: list[tuple[str, str, tuple[str, ...]]] = []
         self.last: Transaction | None = None  # the transaction that ended last (for reports)
 
     # -- connection ---------------------------------------------------------------
@@ -173,6 +181,9 @@ class SessionPolicy:
         """MAIL FROM (``sender`` without brackets, "" for the null sender)."""
         if _CONTROL_CHARS.search(sender):
             return Decision(replies.BAD_SENDER, reason="syntax")
+        refusal, wants_dsn = dsn.check_mail(params, offered=self.session.dsn_offered)
+        if refusal is not None:
+            return Decision(refusal, reason="dsn")
         txn = Transaction(new_id(), sender, params)
         limits = self.policy.session_limits
         limited = limits.on_transaction(self.session) or limits.duration_exceeded(
@@ -188,7 +199,11 @@ class SessionPolicy:
         self._pending, self._mail_outcome, self._rcpt_outcomes = txn, outcome, []
         needs = frozenset(
             name
-            for name, present in (("8BITMIME", "BODY=8BITMIME" in params), ("SMTPUTF8", "SMTPUTF8" in params))
+            for name, present in (
+                ("8BITMIME", "BODY=8BITMIME" in params),
+                ("SMTPUTF8", "SMTPUTF8" in params),
+                (dsn.DSN, wants_dsn),
+            )
             if present
         )
         return Decision(needs=needs)
@@ -198,6 +213,7 @@ class SessionPolicy:
         txn, self._pending = self._pending, None
         if txn is None:
             return
+        txn.mail_reply = _short(reply)
         if reply.is_positive:
             self.txn = txn
             self.session.transactions += 1
@@ -211,18 +227,21 @@ class SessionPolicy:
             return Decision(replies.NEED_MAIL, reason="syntax")
         if _CONTROL_CHARS.search(address):
             return Decision(replies.BAD_RECIPIENT, reason="syntax")
+        refusal, wants_dsn = dsn.check_rcpt(params, offered=self.session.dsn_offered)
+        if refusal is not None:
+            return Decision(refusal, reason="dsn")
         limited = self.policy.session_limits.duration_exceeded(self.session, time.monotonic())
         if limited is not None and limited.reply is not None:
             return Decision(limited.reply, disconnect=True, reason=limited.reasons[0])
         outcome = await self.policy.pipeline.run(Stage.RCPT, self.session, txn, Recipient(address, params))
         if outcome.action in _REFUSING:
             reply = outcome.reply or replies.default_reply(outcome.action)
-            counted = self._count_rcpt(address, reply)
+            counted = self._count_rcpt(address, params, reply)
             if counted.reply is not None:
                 return counted
             return Decision(reply, outcome.disconnect, counted.delay, reason=outcome.decided_by)
         self._rcpt_outcome = outcome if outcome.action is not Action.CONTINUE else None
-        return FORWARD
+        return Decision(needs=frozenset({dsn.DSN})) if wants_dsn else FORWARD
 
     def rcpt_answered(self, address: str, params: tuple[str, ...], reply: Reply) -> Decision:
         """The backend's reply to a forwarded RCPT.
@@ -231,7 +250,7 @@ class SessionPolicy:
         ``delay``), or the 421 that replaces it when a session limit is passed.
         """
         txn, outcome, self._rcpt_outcome = self.txn, self._rcpt_outcome, None
-        counted = self._count_rcpt(address, reply)
+        counted = self._count_rcpt(address, params, reply)
         if counted.reply is None and txn is not None and reply.is_positive:
             txn.recipients.append(Recipient(address, params))
             if outcome is not None:
@@ -261,6 +280,8 @@ class SessionPolicy:
         txn = self.txn
         assert txn is not None, "data() needs an open transaction"
         txn.message = message
+        ids = header_values(message, "message-id")
+        txn.message_id = sanitize(ids[0], limit=250) if ids else None
         self.session.messages += 1
         self.policy.metrics.message_size.observe(len(message))
         outcome = await self.policy.pipeline.run(Stage.DATA, self.session, txn)
@@ -294,6 +315,8 @@ class SessionPolicy:
         ``client_gone``: the client left while the backend had the message; SMTP
         cannot tell it any more, so the backend's reply (its queue id) is logged.
         """
+        if self.txn is not None and reply.is_positive:
+            self.txn.queue_id = queue_id(reply)
         if delivery.destination is not None:
             self.end("quarantined" if reply.is_positive else "tempfailed", "data", delivery.reason, reply)
         elif client_gone:
@@ -330,11 +353,11 @@ class SessionPolicy:
         reply = outcome.reply or replies.default_reply(outcome.action)
         return Decision(reply, disconnect=outcome.disconnect, reason=outcome.decided_by)
 
-    def _count_rcpt(self, address: str, reply: Reply) -> Decision:
+    def _count_rcpt(self, address: str, params: tuple[str, ...], reply: Reply) -> Decision:
         """Count a recipient's outcome: the tarpit delay, and a 421 when rejections pass the limit."""
         outcome = "accepted" if reply.is_positive else "tempfailed" if reply.is_transient else "rejected"
         self.policy.metrics.recipients.labels(outcome).inc()
-        self.rcpt_log.append((address, f"{reply.code} {reply.enhanced}".strip()))
+        self.rcpt_log.append((address, _short(reply), params))
         if outcome != "rejected":
             return FORWARD
         return self.command_error("rejected_rcpt")
@@ -342,6 +365,7 @@ class SessionPolicy:
     def _log_refused_mail(self, txn: Transaction, reason: str, reply: Reply) -> None:
         """A transaction that ended at MAIL: the same action words as every other stage."""
         self.last = txn
+        txn.mail_reply = _short(reply)
         word = "tempfailed" if reply.is_transient else "rejected"
         self.policy.metrics.messages.labels(word, "mail", reason).inc()
         self.policy.logs.transaction(self.session, txn, word, "mail", reason, reply, [])
