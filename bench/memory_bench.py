@@ -102,7 +102,7 @@ async def main() -> None:
         "backend": f"smtp://127.0.0.1:{sink.port}",
         "relay_domains": ["example.org"],
         "dns": {"reverse_lookup": False, "nameservers": [dns.address]},
-        "rules": str(ROOT / "rules"),
+        "rules": str(ROOT / "smtpproxy" / "data" / "rules"),
         "log": {"level": "warning"},
         "limits": {"max_message_size": 64 * 1024 * 1024},
         **json.loads(args.config_extra),

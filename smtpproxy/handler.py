@@ -175,11 +175,8 @@ class ConnectionHandler:
         if self.txn is None or btx is None:
             return replies.NEED_MAIL.render()
         started = time.perf_counter()
-        message = bytes(envelope.original_content)
-        # The transaction holds the message from here on: not the envelope too.
-        envelope.content = envelope.original_content = None
         try:
-            reply = await self._deliver(message, btx)
+            reply = await self._deliver(_take_content(envelope), btx)
         finally:
             self.app.metrics.data_duration.observe(time.perf_counter() - started)
         if self.app.draining:
@@ -188,6 +185,9 @@ class ConnectionHandler:
 
     async def _deliver(self, message: bytes, btx: BackendTransaction) -> Reply:
         delivery = await self.policy.data(message)
+        # What goes out replaced what came in (on the transaction too): holding
+        # the received copy here while the backend reads would double the memory.
+        del message
         if delivery.message is None:
             assert delivery.reply is not None
             await self._release_backend()
@@ -224,6 +224,13 @@ class ConnectionHandler:
             await self.policy.disconnect()
         except Exception:
             log.exception("disconnect checks failed (session %s)", self.session.id)
+
+
+def _take_content(envelope: Any) -> bytes:
+    """The received message, taken from aiosmtpd's envelope (which keeps no reference to it)."""
+    message = bytes(envelope.original_content)
+    envelope.content = envelope.original_content = None
+    return message
 
 
 __all__ = ["INTERNAL_ERROR", "ConnectionHandler"]
