@@ -104,7 +104,8 @@ async def main() -> None:
         "dns": {"reverse_lookup": False, "nameservers": [dns.address]},
         "rules": str(ROOT / "smtpproxy" / "data" / "rules"),
         "log": {"level": "warning"},
-        "limits": {"max_message_size": 64 * 1024 * 1024},
+        # Every client comes from 127.0.0.1: the per-address limit would refuse them.
+        "limits": {"max_message_size": 64 * 1024 * 1024, "max_connections_per_ip": None},
         **json.loads(args.config_extra),
     }
     results = {}
