@@ -13,6 +13,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from smtpproxy.app import App
+from smtpproxy.auth.results import arc_result, dkim_results, dmarc_result, spf_result
 from smtpproxy.config import Config
 from smtpproxy.policy.offline import OfflineResult, drive
 from smtpproxy.session import Session, new_id
@@ -57,10 +58,10 @@ def report(result: OfflineResult) -> dict[str, Any]:
         "rules": result.rules,
         "rule_matches": _plain(extras.get("rule_matches", [])),
         "recipients": recipients,
-        "spf": _plain(extras.get("spf")),
-        "dkim": _plain(extras.get("dkim", [])),
-        "dmarc": _plain(extras.get("dmarc")),
-        "arc": _plain(extras.get("arc")),
+        "spf": _plain(spf_result(txn)) if txn is not None else None,
+        "dkim": _plain(dkim_results(txn)) if txn is not None else [],
+        "dmarc": _plain(dmarc_result(txn)) if txn is not None else None,
+        "arc": _plain(arc_result(txn)) if txn is not None else None,
         "headers_added": result.headers_added,
     }
 

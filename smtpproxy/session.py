@@ -10,7 +10,7 @@ import ipaddress
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from smtpproxy.addresses import ip_text
 
@@ -26,6 +26,38 @@ def new_id() -> str:
     reseeded in forked children, so workers do not repeat each other's ids.
     """
     return f"{random.getrandbits(48):012X}"
+
+
+T = TypeVar("T")
+
+
+class CheckStates:
+    """Each check's own typed state on a session or transaction, keyed by the state's class.
+
+    A check keeps a dataclass of its own (``SpfResult``, ``DkimResults``, ...):
+    ``states.put(result)``, ``states.peek(SpfResult)``. Typed, no string keys,
+    and the state's module needs no import here.
+    """
+
+    __slots__ = ("_states",)
+
+    def __init__(self) -> None:
+        self._states: dict[type[Any], Any] = {}
+
+    def get(self, kind: type[T]) -> T:
+        """The state of ``kind``, made with ``kind()`` on first use."""
+        found = self._states.get(kind)
+        if found is None:
+            found = self._states[kind] = kind()
+        return cast(T, found)
+
+    def peek(self, kind: type[T]) -> T | None:
+        """The state of ``kind`` when some check made it, else None (nothing is made)."""
+        return cast("T | None", self._states.get(kind))
+
+    def put(self, value: object) -> None:
+        """Keep ``value`` as the state of its class (a check's result, replaced when it runs again)."""
+        self._states[type(value)] = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +154,7 @@ class Transaction:
     matched_rules: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     accepted_by: str | None = None  # an ACCEPT at MAIL, RCPT or DATA: no more filtering for this envelope
+    state: CheckStates = field(default_factory=CheckStates)  # each check's typed state
     mail_reply: str | None = None  # the reply to MAIL FROM (code and enhanced code)
     message_id: str | None = None  # the Message-ID header field's value (sanitised), once DATA came
     queue_id: str | None = None  # the backend's queue id, from its 250 to the end of DATA

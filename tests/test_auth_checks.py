@@ -194,7 +194,6 @@ async def test_forged_results_are_dropped_and_ours_added(harness: Any, key: KeyP
     forged = f"Authentication-Results: {ID.upper()}; dmarc=pass header.from=example.org\r\n".encode()
     kept = b"Authentication-Results: upstream.example; spf=pass\r\n"
     outcome, txn = await harness().run(forged + kept + sign(message(), key))
-    assert txn.extras["remove_forged_ar"] == ID
     delivered = apply_edits(remove_fields_where(txn.message, forged_filter(ID)), outcome.header_edits)
     fields = [
         line for line in delivered.split(b"\r\n") if line.lower().startswith(b"authentication-results:")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,30 +222,19 @@ def test_rcpt_at_rcpt_stage_is_the_current_recipient_only(tmp_path: Path) -> Non
     )
 
 
-@dataclass
-class Dkim:
-    result: str
-    domain: str
-
-
-@dataclass
-class Dmarc:
-    result: str
-    policy: str
-    disposition: str
-
-
-@dataclass
-class Arc:
-    result: str
-    domains: tuple[str, ...]
-
-
 def test_authentication_result_fields(tmp_path: Path) -> None:
+    from smtpproxy.auth.arc import ArcResult
+    from smtpproxy.auth.dkim import DkimResults, DkimSignatureResult
+    from smtpproxy.auth.dmarc import DmarcResult
+
     t = txn()
-    t.extras["dkim"] = [Dkim("fail", "bad.example"), Dkim("pass", "Good.Example")]
-    t.extras["dmarc"] = Dmarc("fail", "reject", "reject")
-    t.extras["arc"] = Arc("pass", ("lists.example",))
+    signatures = [
+        DkimSignatureResult(r, d, "s", "rsa-sha256", "", "@" + d, "")
+        for r, d in (("fail", "bad.example"), ("pass", "Good.Example"))
+    ]
+    t.state.put(DkimResults(tuple(signatures)))
+    t.state.put(DmarcResult("fail", "reject", "reject", "example.org", "example.org", False, False, ""))
+    t.state.put(ArcResult("pass", 1, ("lists.example",)))
     assert evaluate(tmp_path, "{dkim: pass}", tx=t) is not None
     assert evaluate(tmp_path, "{dkim.pass_domain: good.example}", tx=t) is not None
     assert evaluate(tmp_path, "{dkim.pass_domain: bad.example}", tx=t) is None
@@ -254,7 +242,7 @@ def test_authentication_result_fields(tmp_path: Path) -> None:
     assert evaluate(tmp_path, "{arc.domain: lists.example}", tx=t) is not None
 
 
-def test_spf_from_results_or_extras(tmp_path: Path) -> None:
+def test_spf_from_its_check_result(tmp_path: Path) -> None:
     from smtpproxy.session import CheckResult
 
     t = txn()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from smtpproxy.auth.results import spf_result
 from smtpproxy.auth.spf import SpfCheck, SpfChecker, SpfResult, build_spf_check, sanitize
 from smtpproxy.config import ConfigError, SpfConfig, build_config
 from smtpproxy.dns import Resolver
@@ -217,7 +218,7 @@ async def test_check_records_result_details_and_metric(resolver: Resolver) -> No
         "smtp.mailfrom": "alice@pass.example",
     }
     assert "designates 192.0.2.10" in result.comment
-    assert isinstance(txn.extras["spf"], SpfResult)
+    assert isinstance(spf_result(txn), SpfResult)
     labels = {"method": "spf", "result": "pass"}
     assert metrics.registry.get_sample_value("smtpproxy_auth_results_total", labels) == 1
 
@@ -226,7 +227,7 @@ async def test_check_fail_is_only_recorded_by_default(resolver: Resolver) -> Non
     check, _ = make_check(resolver)
     txn = Transaction("T1", "x@fail.example")
     assert await check.mail(make_session("203.0.113.5"), txn) is None
-    assert txn.extras["spf"].result == "fail"
+    assert (r := spf_result(txn)) is not None and r.result == "fail"
 
 
 async def test_check_rejects_fail_when_configured(resolver: Resolver) -> None:
@@ -278,7 +279,7 @@ async def test_check_skips_helo_identity_when_disabled(resolver: Resolver, serve
     check, _ = make_check(resolver, helo_check=False)
     txn = Transaction("T1", "")
     await check.mail(make_session("192.0.2.9", "helo.example"), txn)
-    assert txn.extras["spf"].result == "none"
+    assert (r := spf_result(txn)) is not None and r.result == "none"
     assert server.queries == []
 
 

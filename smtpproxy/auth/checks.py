@@ -8,9 +8,9 @@ no later check would get to add it. With DMARC disabled, AuthResultsCheck adds
 the header instead.
 
 Forged A-R fields (those claiming our authserv-id) are removed at delivery by
-the handler, with the App's one :func:`smtpproxy.auth.authresults.forged_filter`
-(for every message, whether these checks run or not); ``txn.extras["remove_forged_ar"]``
-records the authserv-id the checks vouched for.
+the policy core, with the App's one :func:`smtpproxy.auth.authresults.forged_filter`
+(for every message, whether these checks run or not). Results are kept in
+``txn.state`` and read back with :mod:`smtpproxy.auth.results`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from publicsuffixlist import PublicSuffixList
 
 from smtpproxy.auth.arc import ArcResult, ArcVerifier
 from smtpproxy.auth.authresults import FIELD, build_authentication_results
-from smtpproxy.auth.dkim import DkimSignatureResult, DkimVerifier
+from smtpproxy.auth.dkim import DkimResults, DkimSignatureResult, DkimVerifier
 from smtpproxy.auth.dmarc import DmarcEvaluator, DmarcResult
+from smtpproxy.auth.results import arc_result, dkim_results, dmarc_result, spf_result
 from smtpproxy.auth.spf import build_spf_check
 from smtpproxy.config import Config, DmarcConfig
 from smtpproxy.dns import Resolver
@@ -31,13 +32,6 @@ from smtpproxy.metrics import Metrics
 from smtpproxy.session import CheckResult, Session, Transaction
 from smtpproxy.stages import Check, CheckOutcome
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Reply, Verdict
-
-REMOVE_FORGED_KEY = "remove_forged_ar"
-
-
-def mark_forged_removal(txn: Transaction, authserv_id: str) -> None:
-    """Record that incoming A-R fields claiming ``authserv_id`` are forgeries (dropped at delivery)."""
-    txn.extras[REMOVE_FORGED_KEY] = authserv_id
 
 
 class DkimCheck(Check):
@@ -50,9 +44,9 @@ class DkimCheck(Check):
         self.metrics = metrics
 
     async def data(self, session: Session, txn: Transaction) -> CheckOutcome:
-        """Store ``txn.extras["dkim"]`` (list of DkimSignatureResult) and ``txn.results["dkim"]`` (list)."""
+        """Keep ``DkimResults`` in ``txn.state`` and one ``txn.results["dkim"]`` per signature."""
         results = await self.verifier.verify(txn.message)
-        txn.extras["dkim"] = results
+        txn.state.put(DkimResults(tuple(results)))
         if not results:
             txn.add_result(CheckResult("dkim", "none", {}, "message not signed"), many=True)
             self.metrics.auth_results.labels(method="dkim", result="none").inc()
@@ -70,7 +64,7 @@ class DkimCheck(Check):
 
 
 class ArcCheck(Check):
-    """Validates the ARC chain at end of DATA; records ``txn.extras["arc"]`` and ``txn.results["arc"]``."""
+    """Validates the ARC chain at end of DATA; keeps the ``ArcResult`` in ``txn.state`` and ``txn.results["arc"]``."""
 
     name = "arc"
 
@@ -81,7 +75,7 @@ class ArcCheck(Check):
     async def data(self, session: Session, txn: Transaction) -> CheckOutcome:
         """Validate and record; never decides."""
         result = await self.verifier.verify(txn.message)
-        txn.extras["arc"] = result
+        txn.state.put(result)
         self.metrics.auth_results.labels(method="arc", result=result.result).inc()
         details = {
             "instances": result.instances,
@@ -92,13 +86,13 @@ class ArcCheck(Check):
 
 
 def authentication_results(authserv_id: str, session: Session, txn: Transaction) -> HeaderEdit:
-    """Our A-R field from what the checks stored in ``txn.extras`` (methods that did not run are left out)."""
+    """Our A-R field from what the checks kept in ``txn.state`` (methods that did not run are left out)."""
     value = build_authentication_results(
         authserv_id,
-        txn.extras.get("spf"),
-        txn.extras.get("dkim"),
-        txn.extras.get("dmarc"),
-        txn.extras.get("arc"),
+        spf_result(txn),
+        dkim_results(txn) if txn.state.peek(DkimResults) is not None else None,
+        dmarc_result(txn),
+        arc_result(txn),
         remote_ip=session.client_address,
     )
     return HeaderEdit(HeaderEditKind.ADD, FIELD, value)
@@ -115,7 +109,6 @@ class AuthResultsCheck(Check):
 
     async def data(self, session: Session, txn: Transaction) -> CheckOutcome:
         """A non-terminal verdict carrying the header edit."""
-        mark_forged_removal(txn, self.authserv_id)
         return Verdict(header_edits=(authentication_results(self.authserv_id, session, txn),))
 
 
@@ -143,13 +136,12 @@ class DmarcCheck(Check):
         self.trusted_sealers = frozenset(config.trusted_arc_sealers)
 
     async def data(self, session: Session, txn: Transaction) -> CheckOutcome:
-        """Evaluate, record ``txn.extras["dmarc"]`` and ``txn.results["dmarc"]``, return the verdict."""
+        """Evaluate, keep the ``DmarcResult`` in ``txn.state`` and ``txn.results["dmarc"]``, return the verdict."""
         from_values = header_values(txn.message, "From")
-        dkim: list[DkimSignatureResult] = txn.extras.get("dkim") or []
-        res = await self.evaluator.evaluate(from_values, txn.extras.get("spf"), dkim)
-        txn.extras["dmarc"] = res
-        mark_forged_removal(txn, self.authserv_id)
-        override = self._arc_override(res, txn.extras.get("arc"))
+        dkim: list[DkimSignatureResult] = dkim_results(txn)
+        res = await self.evaluator.evaluate(from_values, spf_result(txn), dkim)
+        txn.state.put(res)
+        override = self._arc_override(res, arc_result(txn))
         details: dict[str, Any] = {
             "from_domain": res.from_domain,
             "org_domain": res.org_domain,

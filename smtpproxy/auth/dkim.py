@@ -76,6 +76,13 @@ class DkimSignatureResult:
     reason: str  # short text, printable ASCII
 
 
+@dataclass(frozen=True, slots=True)
+class DkimResults:
+    """The DKIM check's state on a transaction: one result per signature checked."""
+
+    signatures: tuple[DkimSignatureResult, ...] = ()
+
+
 def clean(value: bytes | str, limit: int = 255) -> str:
     """Signature-supplied text made printable ASCII without spaces, bounded."""
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -237,7 +237,7 @@ class SpfCheck(Check):
         self._metrics = metrics
 
     async def mail(self, session: Session, txn: Transaction) -> CheckOutcome:
-        """Evaluate SPF, record ``CheckResult("spf", ...)`` and ``txn.extras["spf"]``."""
+        """Evaluate SPF, record ``CheckResult("spf", ...)`` and the ``SpfResult`` in ``txn.state``."""
         helo = session.helo or ""
         if not txn.mail_from and not self._config.helo_check:
             res = SpfResult("none", "", "helo", "", "HELO identity not checked", "helo check disabled")
@@ -247,7 +247,7 @@ class SpfCheck(Check):
         value = res.sender if res.identity == "mailfrom" else sanitize(helo)
         details = {"domain": res.domain, "identity": res.identity, key: value}
         txn.add_result(CheckResult("spf", res.result, details, res.comment))
-        txn.extras["spf"] = res
+        txn.state.put(res)
         self._metrics.auth_results.labels(method="spf", result=res.result).inc()
         if res.result == "fail" and self._config.reject_on_fail:
             text = f"SPF validation failed for {res.domain}: {res.explanation}"

@@ -3,7 +3,8 @@
 Every field yields a tuple of values (a header may occur twice, a message has
 many URLs); a comparison matches when any value matches. Values are computed
 once per evaluation context and memoised, and the MIME facts once per
-transaction (cached in ``txn.extras``).
+transaction (cached in ``txn.extras``); authentication results come from the
+checks' typed state (:mod:`smtpproxy.auth.results`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import smtpproxy.rules.facts as facts
 from smtpproxy.addresses import domain_of
+from smtpproxy.auth.dkim import DkimResults
+from smtpproxy.auth.results import arc_result, dkim_results, dmarc_result, spf_result
 from smtpproxy.ratelimit.keys import client_ip, client_net
 from smtpproxy.rules.mime import Attachment
 from smtpproxy.rules.sessionstate import session_score
@@ -125,12 +128,20 @@ def _get(obj: Any, name: str) -> Any:
     return value
 
 
+def _typed(txn: Transaction, name: str) -> Any:
+    """What the authentication check ``name`` kept in ``txn.state`` (None when it did not run)."""
+    if name == "dkim":
+        return dkim_results(txn) if txn.state.peek(DkimResults) is not None else None
+    reader = {"spf": spf_result, "dmarc": dmarc_result, "arc": arc_result}.get(name)
+    return reader(txn) if reader is not None else None
+
+
 def _result(ctx: EvalContext, name: str) -> list[Any]:
-    """Result objects of an authentication method (extras first, then results)."""
+    """Result objects of an authentication method (the check's typed state, else its CheckResults)."""
     txn = ctx.txn
     if txn is None:
         return []
-    found = txn.extras.get(name)
+    found = _typed(txn, name)
     if found is None:
         found = txn.results.get(name)
     if found is None:

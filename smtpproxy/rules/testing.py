@@ -31,7 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smtpproxy.auth.arc import ArcResult
 from smtpproxy.auth.authresults import forged_filter
+from smtpproxy.auth.dkim import DkimResults, DkimSignatureResult
+from smtpproxy.auth.dmarc import DmarcResult
+from smtpproxy.auth.spf import SpfResult
 from smtpproxy.config import ScoresConfig, SessionLimitsConfig
 from smtpproxy.logs import EventLog
 from smtpproxy.metrics import Metrics
@@ -274,9 +278,25 @@ class AssumedResults(Check):
         for method in ("spf", "dkim", "dmarc", "arc"):
             if method in self.facts:
                 results = _auth(self.facts[method])
-                txn.extras[method] = results if method == "dkim" else results[0]
+                txn.state.put(_as_result(method, results))
                 txn.results[method] = CheckResult(method, results[0].result if results else "none")
         return None
+
+
+def _as_result(method: str, assumed: list[AssumedResult]) -> object:
+    """The result the check of ``method`` would have kept, built from what the test assumes."""
+    first = assumed[0] if assumed else AssumedResult("none")
+    if method == "spf":
+        return SpfResult(first.result, first.domain, "mailfrom", "", "")
+    if method == "dkim":
+        return DkimResults(
+            tuple(DkimSignatureResult(a.result, a.domain, "", "", "", "", "") for a in assumed)
+        )
+    if method == "dmarc":
+        return DmarcResult(
+            first.result, first.policy, first.disposition or "none", first.domain, "", False, False, ""
+        )
+    return ArcResult(first.result, len(first.domains), first.domains)
 
 
 def case_policy(engine: RulesEngine, facts: dict[str, Any]) -> Policy:
