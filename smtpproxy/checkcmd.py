@@ -16,6 +16,7 @@ from smtpproxy.app import App
 from smtpproxy.auth.results import arc_result, dkim_results, dmarc_result, spf_result
 from smtpproxy.config import Config
 from smtpproxy.policy.offline import OfflineResult, drive
+from smtpproxy.rules.txnstate import rule_matches
 from smtpproxy.session import Session, new_id
 
 
@@ -34,7 +35,6 @@ def _plain(value: Any) -> Any:
 def report(result: OfflineResult) -> dict[str, Any]:
     """The JSON object ``smtpproxy check`` prints for one session's result."""
     txn = result.txn
-    extras = txn.extras if txn is not None else {}
     recipients = [
         {"rcpt": r.address, "action": "continue"}
         if r.reply is None
@@ -56,7 +56,7 @@ def report(result: OfflineResult) -> dict[str, Any]:
         "reason": result.reason,
         "score": result.score,
         "rules": result.rules,
-        "rule_matches": _plain(extras.get("rule_matches", [])),
+        "rule_matches": _plain(rule_matches(txn)),
         "recipients": recipients,
         "spf": _plain(spf_result(txn)) if txn is not None else None,
         "dkim": _plain(dkim_results(txn)) if txn is not None else [],

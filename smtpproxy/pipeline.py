@@ -22,7 +22,7 @@ from collections.abc import Awaitable
 
 from smtpproxy.metrics import Metrics
 from smtpproxy.replies import INTERNAL_ERROR
-from smtpproxy.session import CheckResult, Recipient, Session, Transaction
+from smtpproxy.session import CheckResult, Recipient, Session, SessionResults, Transaction
 from smtpproxy.stages import Check, CheckOutcome, Stage
 from smtpproxy.verdict import Action, StageOutcome, Verdict
 
@@ -111,7 +111,7 @@ class Pipeline:
                         if txn is not None:
                             txn.add_result(result)
                         else:
-                            session.extras.setdefault("results", {})[result.check] = result
+                            session.state.get(SessionResults).results[result.check] = result
                         continue
                     if self._merge(outcome, result, check.name, txn):
                         if outcome.action is not Action.ACCEPT:

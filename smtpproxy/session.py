@@ -60,6 +60,13 @@ class CheckStates:
         self._states[type(value)] = value
 
 
+@dataclass(slots=True)
+class SessionResults:
+    """Facts checks found at connect or HELO, before any transaction (``session.state``)."""
+
+    results: dict[str, CheckResult] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class TlsInfo:
     """What was negotiated on an inbound TLS connection."""
@@ -108,7 +115,7 @@ class Session:
     # the whole connection; protection still applies (see Check.protective).
     accepted_by: str | None = None
     junk_commands: int = 0  # NOOP, RSET, VRFY, EXPN, HELP, repeated HELO since the last delivery
-    extras: dict[str, Any] = field(default_factory=dict)  # per-check connection state
+    state: CheckStates = field(default_factory=CheckStates)  # each check's typed state
     _address: tuple[IPAddress, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -158,7 +165,6 @@ class Transaction:
     mail_reply: str | None = None  # the reply to MAIL FROM (code and enhanced code)
     message_id: str | None = None  # the Message-ID header field's value (sanitised), once DATA came
     queue_id: str | None = None  # the backend's queue id, from its 250 to the end of DATA
-    extras: dict[str, Any] = field(default_factory=dict)  # per-check transaction state
 
     @property
     def sender_domain(self) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from smtpproxy.rules import RulesError, load_ruleset
 from smtpproxy.rules.fields import EvalContext
+from smtpproxy.rules.sessionstate import SessionRules
 from smtpproxy.session import Recipient, Session, TlsInfo, Transaction
 from smtpproxy.stages import Stage
 
@@ -258,7 +259,7 @@ def test_score_so_far(tmp_path: Path) -> None:
 
 def test_dnsbl_condition_reads_the_session_cache(tmp_path: Path) -> None:
     s = session()
-    s.extras["rules_dnsbl"] = {"zen.example": ("127.0.0.4",)}
+    s.state.get(SessionRules).dnsbl = {"zen.example": ("127.0.0.4",)}
     assert evaluate(tmp_path, "{dnsbl: zen.example}", stage="connect", sess=s) is not None
     assert (
         evaluate(tmp_path, "{dnsbl: {zone: zen.example, returns: [127.0.0.2]}}", stage="connect", sess=s)

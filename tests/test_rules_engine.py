@@ -18,13 +18,21 @@ from smtpproxy.metrics import Metrics
 from smtpproxy.rules import RulesEngine, RulesError, build_rules_engine
 from smtpproxy.rules.check import dnsbl_name
 from smtpproxy.rules.cli import cmd_rules_check, cmd_rules_test
+from smtpproxy.rules.facts import MessageFacts
+from smtpproxy.rules.sessionstate import SessionRules
 from smtpproxy.rules.testing import run_rule_tests, run_rule_tests_async
+from smtpproxy.rules.txnstate import rule_matches
 from smtpproxy.session import Recipient, Session, Transaction
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Verdict
 from tests.dnsserver import DnsServer
 
 REPO_RULES = Path(__file__).resolve().parent.parent / "smtpproxy" / "data" / "rules"
 CLEAN = b"From: a@example.net\r\nSubject: hello\r\nDate: Mon, 3 Jun 2024 10:00:00 +0000\r\nMessage-ID: <x@y>\r\n\r\nhi\r\n"
+
+
+def facts_of(txn: Transaction) -> MessageFacts:
+    """The rules' cached facts of ``txn``'s message."""
+    return txn.state.get(MessageFacts)
 
 
 def engine_for(tmp_path: Path, text: str, scores: ScoresConfig | None = None) -> RulesEngine:
@@ -59,8 +67,8 @@ async def test_reject_at_mail_answers_with_the_rules_reply(tmp_path: Path) -> No
     assert str(verdict.reply) == "550 5.7.1 Sender domain blocked"
     assert verdict.reasons == ("block_sender",)
     assert txn.matched_rules == ["block_sender"]
-    assert txn.extras["rule_matches"][0]["field"] == "mail_from.domain"
-    assert txn.extras["rule_matches"][0]["value"] == "mail.spam.example (list (inline): spam.example)"
+    assert rule_matches(txn)[0]["field"] == "mail_from.domain"
+    assert rule_matches(txn)[0]["value"] == "mail.spam.example (list (inline): spam.example)"
     assert hits(engine, "block_sender") == 1
     assert await engine.check.mail(session, Transaction("T2", "x@ham.example")) is None
 
@@ -316,7 +324,7 @@ async def test_dnsbl_lookup_through_the_resolver_is_cached(tmp_path: Path, dnsbl
     session = new_session("192.0.2.10")
     verdict = await engine.check.connect(session)
     assert isinstance(verdict, Verdict) and verdict.reply is not None and verdict.reply.code == 554
-    assert session.extras["rules_dnsbl"] == {"zen.test": ("127.0.0.2",), "bogus.test": ()}
+    assert session.state.get(SessionRules).dnsbl == {"zen.test": ("127.0.0.2",), "bogus.test": ()}
     assert await engine.check.connect(new_session("192.0.2.11")) is None
     v6 = await engine.check.connect(new_session("2001:db8::1"))
     assert isinstance(v6, Verdict) and v6.action is Action.REJECT
@@ -433,7 +441,7 @@ async def test_header_only_rules_never_parse_the_body(tmp_path: Path) -> None:
     )
     await engine.check.data(session, txn)
     assert txn.matched_rules == ["free_subject", "from_shop"]
-    assert "rules_body" not in txn.extras  # the MIME walk never ran
+    assert facts_of(txn).body is None  # the MIME walk never ran
 
 
 async def test_a_field_reader_that_raises_is_counted_and_logged_once(

@@ -11,8 +11,15 @@ import pytest
 
 from smtpproxy.metrics import Metrics
 from smtpproxy.rules import RulesEngine, facts
+from smtpproxy.rules.facts import MessageFacts
 from smtpproxy.rules.mime import parse_body
+from smtpproxy.rules.txnstate import rule_matches
 from smtpproxy.session import Session, Transaction
+
+
+def facts_of(txn: Transaction) -> MessageFacts:
+    """The rules' cached facts of ``txn``'s message."""
+    return txn.state.get(MessageFacts)
 
 
 def newsletter() -> bytes:
@@ -47,8 +54,8 @@ async def test_attachment_rules_do_not_decode_the_text(tmp_path: Path) -> None:
         """,
     )
     assert txn.matched_rules == ["exe"]
-    assert "rules_body" in txn.extras
-    assert "rules_body_text" not in txn.extras and "rules_urls" not in txn.extras
+    assert facts_of(txn).body is not None
+    assert facts_of(txn).body_text is None and facts_of(txn).urls is None
 
 
 async def test_text_rules_do_not_look_for_urls(tmp_path: Path) -> None:
@@ -61,7 +68,7 @@ async def test_text_rules_do_not_look_for_urls(tmp_path: Path) -> None:
         """,
     )
     assert txn.matched_rules == ["cheap"]
-    assert "rules_body_text" in txn.extras and "rules_urls" not in txn.extras
+    assert facts_of(txn).body_text is not None and facts_of(txn).urls is None
 
 
 async def test_url_rules_read_links_of_the_html_part(tmp_path: Path) -> None:
@@ -80,7 +87,7 @@ async def test_url_rules_read_links_of_the_html_part(tmp_path: Path) -> None:
         """,
     )
     assert txn.matched_rules == ["cheap", "link", "cafe"]
-    assert txn.extras["rule_matches"][1]["value"] == "link.example"
+    assert rule_matches(txn)[1]["value"] == "link.example"
 
 
 def test_layers_give_the_facts_of_parse_body() -> None:
@@ -101,4 +108,4 @@ def test_no_message_no_facts(txn: Transaction | None) -> None:
     assert facts.body_parts(txn).attachments == () and facts.body_text(txn).text == ""
     assert facts.body_urls(txn) == ((), ())
     if txn is not None:
-        assert txn.extras == {}  # nothing cached before DATA
+        assert txn.state.peek(facts.MessageFacts) is None  # nothing cached before DATA

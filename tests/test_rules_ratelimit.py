@@ -19,6 +19,7 @@ from smtpproxy.rules.cli import cmd_rules_check, cmd_rules_test
 from smtpproxy.rules.engine import memory_limiter
 from smtpproxy.rules.fields import EvalContext
 from smtpproxy.rules.testing import run_rule_tests_async
+from smtpproxy.rules.txnstate import TxnRules
 from smtpproxy.session import Recipient, Session, Transaction
 from smtpproxy.stages import Stage
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Reply, Verdict
@@ -292,7 +293,7 @@ async def test_stop_applies_when_the_limit_allows(tmp_path: Path) -> None:
     )
     session, txn = new_session(), Transaction("T", "a@sender.example")
     assert await engine.check.mail(session, txn) is None
-    assert txn.matched_rules == ["lim"] and txn.extras["rules_done"] is True
+    assert txn.matched_rules == ["lim"] and txn.state.get(TxnRules).done is True
 
 
 async def test_fail_closed_store_refuses_and_fail_open_allows(tmp_path: Path) -> None:

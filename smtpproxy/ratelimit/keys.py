@@ -28,7 +28,7 @@ import hashlib
 import ipaddress
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from smtpproxy.addresses import ip_text
 from smtpproxy.session import IPAddress, Recipient, Session, Transaction
@@ -106,9 +106,16 @@ def client_net(ip: IPAddress, prefix: int) -> str:
     return f"{ipaddress.IPv6Address(masked)}/{prefix}"
 
 
+@dataclass(slots=True)
+class ConnectionKeys:
+    """Key values constant for a connection (its address, its network), computed once each."""
+
+    values: dict[tuple[str, int, int], str] = field(default_factory=dict)
+
+
 def _connection_value(kind: str, spec: KeySpec, session: Session) -> str:
     # Constant for the connection and asked at every stage: computed once.
-    cache: dict[tuple[str, int, int], str] = session.extras.setdefault("ratelimit.keys", {})
+    cache = session.state.get(ConnectionKeys).values
     ck = (kind, spec.ipv4_prefix, spec.ipv6_prefix)
     value = cache.get(ck)
     if value is None:

@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from smtpproxy.metrics import Metrics
 from smtpproxy.ratelimit.gcra import Rate
@@ -37,11 +37,17 @@ log = logging.getLogger("smtpproxy.ratelimit")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# Session.extras keys of this module.
-SLOTS = "ratelimit.slots"  # list of (key, token) held by the connection
-REFRESHED = "ratelimit.refreshed"  # monotonic time the slots were last refreshed
-_EXEMPT = "ratelimit.exempt"  # the client is in ``ratelimit_exempt``
 _EARLY = (Stage.CONNECT, Stage.HELO)
+
+
+@dataclass(slots=True)
+class LimiterState:
+    """The limiter's state on a connection (``session.state``)."""
+
+    slots: list[tuple[str, str]] = field(default_factory=list)  # (key, token) held by the connection
+    refreshed: float = 0.0  # when the slots were last refreshed (the limiter's clock)
+    exempt: bool | None = None  # the client is in ``ratelimit_exempt`` (None: not asked yet)
+    token: str | None = None  # this connection's member in concurrency slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,16 +173,16 @@ class RateLimiter:
         rcpt: Recipient | None = None,
     ) -> Verdict | None:
         """Apply the limits of ``stage``: None when all allow, else the refusal verdict."""
-        extras = session.extras
+        state = session.state.get(LimiterState)
         entries: list[Entry] = []
         used: list[Limit] = []  # the limit of each entry, in order (exempt ones skipped)
         slots: list[tuple[str, str]] = []  # concurrency slots taken here: (key, token)
         plan = self._plans[stage]
         if plan:
-            exempt = extras.get(_EXEMPT)
+            exempt = state.exempt
             if exempt is None:
                 # The client's address does not change within a connection.
-                exempt = extras[_EXEMPT] = bool(self.exempt) and self._exempt(self.exempt, session)
+                exempt = state.exempt = bool(self.exempt) and self._exempt(self.exempt, session)
             if exempt:
                 plan = ()
         for lim, key_of, interval in plan:
@@ -186,11 +192,11 @@ class RateLimiter:
             if lim.concurrency is None:
                 entries.append(RateEntry(key, interval, lim.burst))
             else:
-                token = self._token(session)
+                token = self._token(session, state)
                 entries.append(SlotAcquire(key, token, lim.concurrency, self.concurrency_ttl))
                 slots.append((key, token))
             used.append(lim)
-        refreshes = self._refreshes(session) if SLOTS in extras else None
+        refreshes = self._refreshes(state) if state.slots else None
         if refreshes:
             entries += refreshes
         if not entries:
@@ -199,8 +205,8 @@ class RateLimiter:
         if slots:
             # Recorded before asking: if the call is cut short after Redis took
             # the slot, disconnect still gives it back.
-            extras.setdefault(SLOTS, []).extend(slots)
-            extras[REFRESHED] = now
+            state.slots.extend(slots)
+            state.refreshed = now
         if self._local is not None:
             results = self._local(entries, now)  # memory store: no I/O, cannot fail
         else:
@@ -209,42 +215,42 @@ class RateLimiter:
                 return None if self.fail_open else unavailable_verdict(stage)
             results = stored
         if any(results):  # refreshes are never refused: a wait belongs to a limit
-            return self._refused(stage, session, used, results, len(slots))
+            return self._refused(stage, state, used, results, len(slots))
         if refreshes:
-            extras[REFRESHED] = now
+            state.refreshed = now
         return None
 
     def _refused(
-        self, stage: Stage, session: Session, used: list[Limit], results: list[float], slots: int
+        self, stage: Stage, state: LimiterState, used: list[Limit], results: list[float], slots: int
     ) -> Verdict:
         refused = [lim for lim, wait in zip(used, results, strict=False) if wait > 0]
         for lim in refused:
             self.metrics.ratelimit_hits.labels(limit=lim.name).inc()
         if slots:
-            del session.extras[SLOTS][-slots:]
+            del state.slots[-slots:]
         return refused_verdict(stage, refused[0])
 
-    def _token(self, session: Session) -> str:
+    def _token(self, session: Session, state: LimiterState) -> str:
         # Unique per connection across processes and machines: the slot's member.
-        token = session.extras.get("ratelimit.token")
-        if token is None:
-            token = session.extras["ratelimit.token"] = f"{session.id}.{self._instance}"
-        return str(token)
+        if state.token is None:
+            state.token = f"{session.id}.{self._instance}"
+        return state.token
 
-    def _refreshes(self, session: Session) -> list[Entry]:
-        held = session.extras.get(SLOTS)
+    def _refreshes(self, state: LimiterState) -> list[Entry]:
+        held = state.slots
         if not held:
             return []
         now = self.clock()
-        if now - session.extras.get(REFRESHED, now) < self.concurrency_ttl / 3:
+        if now - state.refreshed < self.concurrency_ttl / 3:
             return []
         return [SlotRefresh(key, token, self.concurrency_ttl) for key, token in held]
 
     async def release(self, session: Session) -> None:
         """Give back the connection's concurrency slots (disconnect, however it ended)."""
-        held = session.extras.pop(SLOTS, None)
-        if not held:
+        state = session.state.peek(LimiterState)
+        if state is None or not state.slots:
             return
+        held, state.slots = state.slots, []
         try:
             await self.store.release(held)
         except StoreError as err:

@@ -1,15 +1,15 @@
 """RulesCheck: evaluates the rules of each stage and turns what matched into a Verdict.
 
-State kept between stages (all in ``extras``, nothing on the check itself):
+State kept between stages is typed (:mod:`smtpproxy.rules.sessionstate`,
+:mod:`smtpproxy.rules.txnstate`),
+on the session and the transaction, nothing on the check itself:
 
-- ``session.extras``: per connection stage, what its rules scored, matched
-  and edited (:mod:`smtpproxy.rules.sessionstate`; copied into every
-  transaction at MAIL, a new HELO replacing the last one's), ``rules_dnsbl``
-  (zone -> records).
-- ``txn.extras``: ``rules_ruleset`` (the RuleSet captured at MAIL: a reload
-  mid-transaction does not change its rules), ``rule_matches`` (why each rule
-  matched), ``rules_edits`` (header edits decided before DATA), ``rules_pending``
-  (a discard/quarantine decided at MAIL or RCPT, answered at DATA), ``rules_done``.
+- ``SessionRules``: per connection stage, what its rules scored, matched and
+  edited (copied into every transaction at MAIL, a new HELO replacing the
+  last one's), and the DNSBL answers (zone -> records).
+- ``TxnRules``: the RuleSet captured at MAIL (a reload mid-transaction does
+  not change its rules), why each rule matched, header edits decided before
+  DATA, a discard/quarantine decided at MAIL or RCPT (answered at DATA), done.
 
 Scores are added to ``txn.score`` directly, as rules run, so that later rules
 and the thresholds see the score so far; verdicts therefore carry score 0.
@@ -35,6 +35,7 @@ from smtpproxy.rules.conditions import Evidence
 from smtpproxy.rules.fields import EvalContext
 from smtpproxy.rules.ruleset import Rule, RuleSet
 from smtpproxy.rules.sessionstate import (
+    SessionRules,
     session_edits,
     session_matches,
     session_score,
@@ -42,6 +43,7 @@ from smtpproxy.rules.sessionstate import (
     session_stopped,
     start_stage,
 )
+from smtpproxy.rules.txnstate import txn_rules
 from smtpproxy.session import Recipient, Session, Transaction
 from smtpproxy.stages import Check, CheckOutcome, Stage
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Reply, Verdict
@@ -189,7 +191,7 @@ class RulesCheck(Check):
 
     async def prefetch_dnsbl(self, session: Session, zones: tuple[str, ...]) -> None:
         """Look up the client on every DNSBL zone the stage's rules name, once per connection."""
-        cache: dict[str, tuple[str, ...]] = session.extras.setdefault("rules_dnsbl", {})
+        cache = session.state.get(SessionRules).dnsbl
         missing = [z for z in zones if z not in cache]
         if not missing:
             return
@@ -215,22 +217,21 @@ class RulesCheck(Check):
     # -- per-transaction state --------------------------------------------------
 
     def _txn_state(self, session: Session, txn: Transaction) -> RuleSet:
-        ruleset = txn.extras.get("rules_ruleset")
-        if isinstance(ruleset, RuleSet):
-            return ruleset
-        ruleset = self.engine.current
-        txn.extras["rules_ruleset"] = ruleset
+        state = txn_rules(txn)
+        if state.ruleset is not None:
+            return state.ruleset
+        ruleset = state.ruleset = self.engine.current
         txn.score += session_score(session)
         earlier = session_matches(session)
-        txn.extras["rule_matches"] = earlier
+        state.matches = earlier
         txn.matched_rules.extend(m["rule"] for m in earlier)
-        txn.extras["rules_edits"] = session_edits(session)
+        state.edits = session_edits(session)
         if session_stopped(session):
-            txn.extras["rules_done"] = True
+            state.done = True
         return ruleset
 
     def _record(self, txn: Transaction, result: StageResult) -> None:
-        txn.extras["rule_matches"].extend(result.matched)
+        txn_rules(txn).matches.extend(result.matched)
         txn.matched_rules.extend(m["rule"] for m in result.matched)
 
     # -- stages -----------------------------------------------------------------
@@ -278,19 +279,20 @@ class RulesCheck(Check):
     ) -> StageResult | None:
         ruleset = self._txn_state(session, txn)
         rules = ruleset.by_stage[stage]
-        if txn.extras.get("rules_done") or not rules:
+        state = txn_rules(txn)
+        if state.done or not rules:
             return None
         await self.prefetch_dnsbl(session, ruleset.dnsbl_zones[stage])
         result = await self.run_rules(rules, EvalContext(session, txn, stage, rcpt, self.field_failed))
         self._record(txn, result)
-        txn.extras["rules_edits"].extend(result.edits)
+        state.edits.extend(result.edits)
         rule = result.terminal
         if result.stopped or (
             rule is not None and rule.actions.terminal in (Action.ACCEPT, Action.DISCARD, Action.QUARANTINE)
         ):
-            txn.extras["rules_done"] = True
+            state.done = True
         if rule is not None and rule.actions.terminal in (Action.DISCARD, Action.QUARANTINE):
-            txn.extras["rules_pending"] = rule
+            state.pending = rule
         return result
 
     async def mail(self, session: Session, txn: Transaction) -> CheckOutcome:
@@ -306,11 +308,11 @@ class RulesCheck(Check):
     async def data(self, session: Session, txn: Transaction) -> CheckOutcome:
         """End-of-DATA rules, then the score thresholds; all header edits are returned here."""
         result = await self._txn_stage(session, txn, Stage.DATA)
-        edits: list[HeaderEdit] = list(txn.extras.get("rules_edits", []))
+        state = txn_rules(txn)
+        edits: list[HeaderEdit] = list(state.edits)
         rule = result.terminal if result else None
-        pending = txn.extras.get("rules_pending")
-        if rule is None and isinstance(pending, Rule):
-            rule = pending
+        if rule is None and state.pending is not None:
+            rule = state.pending
         if rule is not None and rule.actions.terminal in (Action.REJECT, Action.TEMPFAIL):
             return self._decided(rule)
         if rule is not None and rule.actions.terminal is Action.ACCEPT:

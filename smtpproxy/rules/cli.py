@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from smtpproxy.config import Config
 from smtpproxy.rules.loader import RulesError
@@ -51,8 +51,3 @@ def cmd_rules_test(rules_dir: Path, config: Config, out: TextIO | None = None) -
         return 2
     print(report.render(), file=out)
     return 0 if report.passed else 1
-
-
-def rule_matches_for_report(extras: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ``rules`` part of ``smtpproxy check`` JSON: which rules matched, on which field and value."""
-    return [dict(m) for m in extras.get("rule_matches", [])]

@@ -34,6 +34,7 @@ from smtpproxy.rules.operators import (
     bool_op,
     compile_operator,
 )
+from smtpproxy.rules.sessionstate import SessionRules
 
 __all__ = ["CompileEnv", "Condition", "Evidence", "RegexGroups", "always", "compile_condition"]
 
@@ -114,7 +115,8 @@ def _dnsbl(env: CompileEnv, arg: Any, line: int) -> Condition | None:
     env.dnsbl_zones.update(clean)
 
     def cond(ctx: EvalContext) -> Evidence | None:
-        cache: dict[str, tuple[str, ...]] = ctx.session.extras.get("rules_dnsbl", {})
+        found = ctx.session.state.peek(SessionRules)
+        cache = found.dnsbl if found is not None else {}
         for zone in clean:
             for record in cache.get(zone, ()):
                 try:

@@ -3,7 +3,7 @@
 Every field yields a tuple of values (a header may occur twice, a message has
 many URLs); a comparison matches when any value matches. Values are computed
 once per evaluation context and memoised, and the MIME facts once per
-transaction (cached in ``txn.extras``); authentication results come from the
+transaction (cached in its ``MessageFacts`` state); authentication results come from the
 checks' typed state (:mod:`smtpproxy.auth.results`).
 """
 

@@ -1,7 +1,7 @@
 """The facts rules look at in a message: decoded headers, body text, URLs, attachments.
 
 Computed in layers, each at most once per transaction and only when a rule
-reads it (cached in ``txn.extras`` by :mod:`smtpproxy.rules.fields`): header
+reads it (cached in the transaction's ``MessageFacts`` by :mod:`smtpproxy.rules.facts`): header
 fields; the MIME walk (attachments, text parts still encoded); the text; the
 URLs. Header-only rules never walk the body, attachment rules never decode
 text, text rules never look for links. Broken MIME never raises: every step is

@@ -1,8 +1,9 @@
-"""What connection-stage rules (connect, HELO) decided, kept per stage on the session.
+"""The rules' typed state on a connection (``SessionRules``; per transaction: ``txnstate``).
 
-Each stage has its own entry so that a new HELO/EHLO (after STARTTLS, or a
-client greeting twice) replaces what the previous greeting scored instead of
-adding to it: RFC 3207 §4.2 has the client's earlier words forgotten.
+Connection-stage rules (connect, HELO) keep one entry per stage, so that a new
+HELO/EHLO (after STARTTLS, or a client greeting twice) replaces what the
+previous greeting scored instead of adding to it: RFC 3207 §4.2 has the
+client's earlier words forgotten.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from typing import Any
 from smtpproxy.session import Session
 from smtpproxy.stages import Stage
 from smtpproxy.verdict import HeaderEdit
-
-_KEY = "rules_session"
 
 
 @dataclass(slots=True)
@@ -27,10 +26,17 @@ class SessionStageRules:
     stopped: bool = False
 
 
+@dataclass(slots=True)
+class SessionRules:
+    """The rules' state on a connection: each connection stage's entry, and the DNSBL answers."""
+
+    stages: dict[Stage, SessionStageRules] = field(default_factory=dict)
+    dnsbl: dict[str, tuple[str, ...]] = field(default_factory=dict)  # zone -> listing records
+
+
 def session_stages(session: Session) -> dict[Stage, SessionStageRules]:
     """The per-stage entries of ``session`` (connect before helo)."""
-    stages: dict[Stage, SessionStageRules] = session.extras.setdefault(_KEY, {})
-    return stages
+    return session.state.get(SessionRules).stages
 
 
 def start_stage(session: Session, stage: Stage) -> SessionStageRules:

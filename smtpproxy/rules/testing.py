@@ -48,6 +48,7 @@ from smtpproxy.rules.check import DnsResolver
 from smtpproxy.rules.engine import RulesEngine, memory_limiter
 from smtpproxy.rules.loader import LList, LMap, Problem, describe, line_of
 from smtpproxy.rules.ruleset import RuleSet, TestBlock, load_ruleset
+from smtpproxy.rules.sessionstate import SessionRules
 from smtpproxy.session import CheckResult, Session, TlsInfo, Transaction, new_id
 from smtpproxy.stages import Check, CheckOutcome
 from smtpproxy.verdict import Action, HeaderEdit
@@ -258,7 +259,7 @@ def _session(facts: dict[str, Any]) -> Session:
     if tls:
         session.tls = TlsInfo(tls if isinstance(tls, str) else "TLSv1.3", "TEST", 256)
     dnsbl = facts.get("dnsbl") or {}
-    session.extras["rules_dnsbl"] = {
+    session.state.get(SessionRules).dnsbl = {
         str(z).lower(): tuple(str(r) for r in (v if isinstance(v, list) else [v])) for z, v in dnsbl.items()
     }
     return session
