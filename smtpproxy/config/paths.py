@@ -41,7 +41,7 @@ def check_paths(config: Config) -> list[str]:
                 f"got {str(config.rules)!r} ({what}: {folder})"
             )
     problems += _tls_problems(config)
-    if config.backend != DEFAULT_MAILDIR:
+    if config.backend != DEFAULT_MAILDIR and config.listen is not None:  # milter only: no backend
         problems += _maildir_problems("backend", config.backend, config)
     if config.scores.quarantine_to is not None:
         problems += _maildir_problems("scores.quarantine_to", config.scores.quarantine_to, config)
