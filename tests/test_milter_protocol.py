@@ -14,7 +14,8 @@ from miltertest import constants as c
 
 from smtpproxy.app import App
 from smtpproxy.config import build_config
-from smtpproxy.milter import codec
+from smtpproxy.milter import codec, connection
+from smtpproxy.stages import Check
 from tests.conftest import proxy_config
 from tests.dnsserver import DnsServer
 
@@ -187,3 +188,81 @@ async def test_many_concurrent_mta_connections(milter: App) -> None:
     results = await asyncio.gather(*(run(session, port, f"hello {i}") for i in range(40)))
     assert all(r[-1][0] == c.SMFIR_ACCEPT for r in results)
     assert not milter.milter.connections  # type: ignore[union-attr]
+
+
+def big_message(port: int) -> Any:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        m = MilterConnection(sock)
+        m.optneg_mta(ACTIONS)
+        m.send_ar(c.SMFIC_CONNECT, hostname="unknown", family="4", port=1, address="192.0.2.8")
+        m.send_ar(c.SMFIC_MAIL, args=["<a@sender.example>"])
+        m.send_ar(c.SMFIC_RCPT, args=["<user@example.org>"])
+        m._send(c.SMFIC_EOH)
+        replies = [
+            m.send_ar(c.SMFIC_BODY, buf="x" * 60000) for _ in range(2)
+        ]  # 120 kB: the second is refused
+        m._send(c.SMFIC_ABORT)
+        # The connection goes on: an unknown command is answered (Postfix then says 502 itself).
+        sock.sendall(codec.packet("U", b"XYZZY\0"))  # miltertest cannot encode SMFIC_UNKNOWN
+        unknown = m.recv()
+        return replies, unknown
+
+
+async def test_body_past_the_size_limit_gets_the_proxys_552(tmp_path: Path, dns_server: DnsServer) -> None:
+    data = proxy_config(None, {**QUIET, "listen": None, "milter": {"listen": "127.0.0.1:0"}})
+    data["limits"] = {"max_message_size": 100_000}
+    app = App(build_config(data, base_dir=tmp_path))
+    await app.start()
+    try:
+        replies, unknown = await run(big_message, app.milter.port)  # type: ignore[union-attr]
+    finally:
+        await app.stop(grace=0.5)
+    assert [r[0] for r in replies][:2] == ["c", "y"]
+    assert replies[1][1]["smtpcode"] == "552" and "5.3.4 Error: Too much mail data" in str(
+        replies[1][1]["text"]
+    )
+    assert unknown[0] == c.SMFIR_CONTINUE
+
+
+class SlowContent(Check):
+    """A DATA check slower than the progress interval."""
+
+    name = "slow"
+
+    async def data(self, session: Any, txn: Any) -> None:
+        await asyncio.sleep(0.5)
+
+
+def count_progress(port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        m = MilterConnection(sock)
+        m.optneg_mta(ACTIONS)
+        m.send_ar(c.SMFIC_CONNECT, hostname="unknown", family="4", port=1, address="192.0.2.8")
+        m.send_ar(c.SMFIC_MAIL, args=["<a@sender.example>"])
+        m.send_ar(c.SMFIC_RCPT, args=["<user@example.org>"])
+        m._send(c.SMFIC_EOH)
+        m._send(c.SMFIC_BODYEOB)
+        seen = 0
+        while True:
+            reply = m._recv()
+            if reply[0] == c.SMFIR_PROGRESS:
+                seen += 1
+            elif reply[0] == c.SMFIR_ACCEPT:
+                return seen
+
+
+async def test_slow_checks_send_progress_keepalives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dns_server: DnsServer
+) -> None:
+    monkeypatch.setattr(connection, "PROGRESS_INTERVAL", 0.1)
+    original = App.build_checks
+    monkeypatch.setattr(App, "build_checks", lambda self: [*original(self), SlowContent()])
+    data = proxy_config(
+        None, {**QUIET, "dmarc": {"enabled": False}, "listen": None, "milter": {"listen": "127.0.0.1:0"}}
+    )
+    app = App(build_config(data, base_dir=tmp_path))
+    await app.start()
+    try:
+        assert await run(count_progress, app.milter.port) >= 2  # type: ignore[union-attr]
+    finally:
+        await app.stop(grace=0.5)
