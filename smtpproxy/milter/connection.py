@@ -90,8 +90,11 @@ class MilterConnection:
         self.busy = False  # a command is being answered: a drain waits for it
         self.closing = False
         sock = writer.get_extra_info("socket")
+        self._quickack: socket.socket | None = None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if hasattr(socket, "TCP_QUICKACK"):
+                self._quickack = sock
 
     @property
     def idle(self) -> bool:
@@ -108,6 +111,11 @@ class MilterConnection:
                 data = await self.reader.read(READ_SIZE)
                 if not data:
                     break
+                if self._quickack is not None:
+                    # Packets we do not answer (macros, header fields) would otherwise
+                    # be ACKed only after the delayed-ACK timer (40 ms on Linux), and
+                    # the MTA, writing small packets with Nagle on, waits for that ACK.
+                    self._quickack.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
                 decoder.feed(data)
                 for command in decoder.commands():
                     self.busy = True
