@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from bench.core_bench import smtp_source_load, tree_cpu_seconds  # noqa: E402
+from bench.core_bench import CORE_ONLY, smtp_source_load, tree_cpu_seconds  # noqa: E402
 from tests.dnsserver import DnsServer  # noqa: E402
 from tests.postfix import PostfixInstance  # noqa: E402
 from tests.procs import free_port, wait_port  # noqa: E402
@@ -40,8 +40,8 @@ ZONE = {
 }
 
 
-def start_milter(folder: Path, port: int, dns: DnsServer) -> subprocess.Popen[bytes]:
-    config = {
+def start_milter(folder: Path, port: int, dns: DnsServer, checks: str) -> subprocess.Popen[bytes]:
+    config: dict[str, object] = {
         "listen": None,
         "metrics": None,
         "hostname": "mx.bench.example",
@@ -52,6 +52,8 @@ def start_milter(folder: Path, port: int, dns: DnsServer) -> subprocess.Popen[by
         "dns": {"nameservers": [dns.address], "reverse_lookup": False},
         "log": {"level": "warning"},
     }
+    if checks == "core":
+        config.update(CORE_ONLY, rules=None)
     path = folder / "milter.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(
@@ -69,6 +71,7 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=1000)
     ap.add_argument("--sessions", default="1,20")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--checks", choices=("core", "all"), default="all", help="core: the protocol cost alone")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="milter-bench-"))
     milter_port = free_port()
@@ -80,8 +83,13 @@ def main() -> None:
     filtered.configure(
         smtpd_milters=f"inet:127.0.0.1:{milter_port}", milter_protocol="6", milter_default_action="tempfail"
     )
-    milter = start_milter(folder, milter_port, dns)
-    results: dict[str, object] = {"messages": args.messages, "rounds": args.rounds, "sessions": {}}
+    milter = start_milter(folder, milter_port, dns, args.checks)
+    results: dict[str, object] = {
+        "messages": args.messages,
+        "rounds": args.rounds,
+        "checks": args.checks,
+        "sessions": {},
+    }
     try:
         alone.start()
         filtered.start()

@@ -37,8 +37,18 @@ log = logging.getLogger("smtpproxy.milter")
 
 # What we ask of the MTA: to change the header and to quarantine; the macros we read.
 WANTED_ACTIONS = Act.ADDHDRS | Act.CHGHDRS | Act.QUARANTINE | Act.SETSYMLIST
-# The header fields, end of header and DATA have nothing for the policy to answer.
-WANTED_PROTOCOL = Proto.NR_HDR | Proto.NR_EOH | Proto.NODATA | Proto.NR_DATA | Proto.HDR_LEADSPC
+# The header fields, end of header, body chunks and DATA have nothing for the
+# policy to answer (it decides on the whole message): a round trip less each.
+# SKIP is for MTAs that do not offer NR_BODY: past the size limit, skip the rest.
+WANTED_PROTOCOL = (
+    Proto.NR_HDR
+    | Proto.NR_EOH
+    | Proto.NR_BODY
+    | Proto.NODATA
+    | Proto.NR_DATA
+    | Proto.HDR_LEADSPC
+    | Proto.SKIP
+)
 MACROS = {
     codec.Stage.CONNECT: "j {daemon_name} {daemon_addr} {daemon_port} {client_addr} {client_name} {client_port}",
     codec.Stage.HELO: "{tls_version} {cipher} {cipher_bits}",
@@ -214,12 +224,14 @@ class MilterConnection:
             return self._answer("L", codec.CONTINUE)
         if isinstance(command, codec.Body):
             self.in_body = True
-            return self._body(policy, command.chunk)
+            return self._body(command.chunk)
         assert isinstance(command, codec.EndOfMessage)
-        if command.chunk:
-            refused = self._body(policy, command.chunk)
-            if refused != codec.CONTINUE and refused:
-                return refused
+        self._body(command.chunk)
+        if self.too_big:
+            # The proxy's reply for the same message (its DATA reader's limit).
+            policy.end("rejected", "data", "size", TOO_BIG)
+            self._reset_message()
+            return codec.encode_replycode([TOO_BIG.render()])
         return await self._end_of_message(policy)
 
     def _negotiate(self, command: codec.OptNeg) -> bytes:
@@ -294,14 +306,13 @@ class MilterConnection:
             self.too_big = True
             self.fields, self.body = [], bytearray()  # nothing more is kept of it
 
-    def _body(self, policy: SessionPolicy, chunk: bytes) -> bytes:
+    def _body(self, chunk: bytes) -> bytes:
+        """Keep a chunk (nothing more past the size limit: the end of message says 552)."""
         self._count(len(chunk))
-        if self.too_big:
-            policy.end("rejected", "data", "size", TOO_BIG)
-            self._reset_message()
-            return self._answer("B", codec.encode_replycode([TOO_BIG.render()]))
-        self.body += chunk
-        return self._answer("B", codec.CONTINUE)
+        if not self.too_big:
+            self.body += chunk
+            return self._answer("B", codec.CONTINUE)
+        return self._answer("B", codec.SKIP if Proto.SKIP in self.protocol else codec.CONTINUE)
 
     async def _end_of_message(self, policy: SessionPolicy) -> bytes:
         txn = policy.txn
