@@ -302,7 +302,7 @@ class App:
                     "listen": str(HostPort(*self.listen_port_address)) if self._server else None,
                     "milter": self.milter.bound if self.milter is not None else None,
                     "metrics": metrics,
-                    "backend": config.backend,
+                    "backend": config.backend if config.listen is not None else None,  # milter only: none
                     "relay_domains": len(config.relay_domains),
                     "relay_networks": len(config.relay_networks),
                     "rules": len(self.rules.current),

@@ -104,7 +104,7 @@ def test_milter_only_serve_reloads_on_sighup_and_drains_on_sigterm(
         assert proc.wait(15) == 0, log.read_text()
         assert not path.exists()
         text = log.read_text()
-        assert '"milter": "unix:' in text or "milter=unix:" in text, text
+        assert '"milter": "unix:' in text and '"backend": null' in text, text
         assert '"mode": "milter"' in text or "mode=milter" in text, text
     finally:
         if proc.poll() is None:
