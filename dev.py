@@ -10,6 +10,7 @@ after ``test`` they go to pytest.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -26,10 +27,31 @@ def sh(*args: str | Path) -> None:
     subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
 
 
+def stamp(extra: str, root: Path = ROOT) -> str:
+    """What an install depends on: pyproject.toml (dependencies, entry points) and the extra.
+
+    The install is editable, so changed sources need no reinstall; changed metadata does.
+    """
+    digest = hashlib.sha256((root / "pyproject.toml").read_bytes()).hexdigest()
+    return f"{digest} {extra}\n"
+
+
+def installed(extra: str, venv_dir: Path = VENV, root: Path = ROOT) -> bool:
+    """True when ``venv_dir`` holds an install of ``root`` with ``extra`` (or with [test], a superset)."""
+    marker = venv_dir / ".smtpproxy-installed"
+    if not marker.exists():
+        return False
+    have = marker.read_text()
+    return have in (stamp(extra, root), stamp("[test]", root))
+
+
 def ensure_venv(extra: str) -> None:
     if not (BIN / "python").exists():
         venv.EnvBuilder(with_pip=True).create(VENV)
+    if installed(extra):
+        return  # pip would spend a minute finding out nothing changed (longer without a registry)
     sh(BIN / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f".{extra}")
+    (VENV / ".smtpproxy-installed").write_text(stamp(extra))
 
 
 def main(argv: list[str]) -> int:

@@ -47,7 +47,7 @@ def start_milter(folder: Path, port: int, dns: DnsServer, checks: str) -> subpro
         "hostname": "mx.bench.example",
         "milter": {"listen": f"127.0.0.1:{port}"},
         "relay_domains": ["example.org"],
-        "rules": str(ROOT / "rules"),
+        "rules": str(ROOT / "smtpproxy" / "data" / "rules"),
         "rules_options": {"reload_interval": 0},
         "dns": {"nameservers": [dns.address], "reverse_lookup": False},
         "log": {"level": "warning"},

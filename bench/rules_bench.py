@@ -87,7 +87,7 @@ def generated_rules(count: int = 200) -> str:
 
 def make_rules_dir(base: Path) -> Path:
     folder = base / "rules"
-    shutil.copytree(ROOT / "rules", folder)
+    shutil.copytree(ROOT / "smtpproxy" / "data" / "rules", folder)
     (folder / "90-generated.yaml").write_text(generated_rules())
     return folder
 
@@ -177,7 +177,7 @@ async def main() -> None:
         empty = base / "no-rules"
         empty.mkdir()
         median, loaded = await evaluation_time(rules, message, 500)
-        shipped, _ = await evaluation_time(ROOT / "rules", message, 500)
+        shipped, _ = await evaluation_time(ROOT / "smtpproxy" / "data" / "rules", message, 500)
         print(f"message size: {len(message)} bytes; rules loaded: {loaded}")
         print(
             f"median rules evaluation per message: {median * 1e3:.3f} ms (shipped rules only: {shipped * 1e3:.3f} ms)"

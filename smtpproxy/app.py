@@ -17,16 +17,18 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from smtpproxy import __version__
 from smtpproxy.addresses import HostPort
 from smtpproxy.auth.authresults import forged_filter
 from smtpproxy.auth.checks import build_auth_checks
-from smtpproxy.backend import Backend, BackendTransaction, ClientFacts
-from smtpproxy.backend.maildir import MaildirBackend
-from smtpproxy.backend.smtp import SmtpBackend
+from smtpproxy.backend import Backend, ClientFacts
+from smtpproxy.backend.factory import make_backend
+from smtpproxy.backend.relay import relay_message
 from smtpproxy.config import Config
 from smtpproxy.core_checks import LimitsCheck, RelayCheck
 from smtpproxy.dns import DnsReadiness, Resolver
 from smtpproxy.httpserver import MetricsServer
+from smtpproxy.inflight import InflightBudget, default_budget
 from smtpproxy.logs import EventLog, flush_logs
 from smtpproxy.metrics import Metrics
 from smtpproxy.milter.nobackend import NoBackend
@@ -45,13 +47,6 @@ from smtpproxy.verdict import Reply
 log = logging.getLogger("smtpproxy.app")
 
 BACKEND_PROBE_INTERVAL = 30.0  # seconds between backend probes while no client is connected
-
-
-def make_backend(url: str, config: Config, metrics: Metrics) -> Backend:
-    """A Backend for ``smtp://``, ``smtps://`` or ``maildir:`` URLs."""
-    if url.startswith("maildir:"):
-        return MaildirBackend(config.path(url[len("maildir:") :]))
-    return SmtpBackend(url, config.backend_options, config.hostname, metrics)
 
 
 class App:
@@ -112,6 +107,9 @@ class App:
         milter_address = config.milter.address
         self.milter = MilterServer(self, milter_address) if milter_address is not None else None
         self.connections: set[InboundSMTP] = set()
+        self.inflight = InflightBudget(
+            config.limits.max_inflight_bytes or default_budget(), self.metrics.inflight_bytes
+        )
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -220,24 +218,15 @@ class App:
             backend = make_backend(destination, self.config, self.metrics)
             self._quarantine_backends[destination] = backend
         facts = ClientFacts(session.client_address, session.helo, session.rdns, session.esmtp)
-        begun = await backend.begin(facts, frozenset())
-        if isinstance(begun, Reply):
-            return begun
-        btx: BackendTransaction = begun
-        try:
-            reply = await btx.mail(txn.mail_from, [])
-            if not reply.is_positive:
-                return reply if reply.is_transient else Reply(451, "4.3.0", "Quarantine refused the message")
-            for rcpt in txn.recipients:
-                reply = await btx.rcpt(rcpt.address, [])
-                if not reply.is_positive:
-                    return Reply(451, "4.3.0", "Quarantine refused a recipient")
-            reply = await btx.data(message)
-            return (
-                reply if reply.is_positive or reply.is_transient else Reply(451, "4.3.0", "Quarantine failed")
-            )
-        finally:
-            await btx.finish()
+        reply = await relay_message(
+            backend, facts, txn.mail_from, [r.address for r in txn.recipients], message
+        )
+        # The client keeps the message if the quarantine will not take it: never a bounce.
+        return (
+            reply
+            if reply.is_positive or reply.is_transient
+            else Reply(451, "4.3.0", "Quarantine refused the message")
+        )
 
     async def readiness(self) -> str | None:
         """None when listening, DNS answers and the backend answers; else why not.
@@ -306,6 +295,8 @@ class App:
                     "relay_domains": len(config.relay_domains),
                     "relay_networks": len(config.relay_networks),
                     "rules": len(self.rules.current),
+                    "rules_folder": None if config.rules_path is None else str(config.rules_path),
+                    "version": __version__,
                     "checks": [check.name for check in self.checks],
                 }
             },
@@ -362,13 +353,11 @@ class App:
             self._server.close()
         milter_drained = asyncio.ensure_future(self.milter.stop(grace)) if self.milter is not None else None
         for conn in list(self.connections):
-            if conn.conn is not None and conn.conn.txn is None and not conn.conn.busy:
-                await _say_goodbye(conn)
+            conn.close_if_idle()
         deadline = time.monotonic() + grace
         while self.connections and time.monotonic() < deadline:
             for conn in list(self.connections):
-                if conn.conn is not None and conn.conn.txn is None and not conn.conn.busy:
-                    await _say_goodbye(conn)
+                conn.close_if_idle()
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             if conn.transport is not None:
@@ -392,11 +381,3 @@ class App:
             await backend.close()
         await self.close_checks()
         await self.resolver.close()
-
-
-async def _say_goodbye(conn: InboundSMTP) -> None:
-    transport = conn.transport
-    if transport is None or transport.is_closing():
-        return
-    transport.write(b"421 4.3.2 Service shutting down, please try again later\r\n")  # type: ignore[attr-defined]
-    transport.close()

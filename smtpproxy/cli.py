@@ -1,4 +1,4 @@
-"""Command line: ``smtpproxy serve | check | rules check | rules test``.
+"""Command line: ``smtpproxy serve | config | check | init | rules check|test|path | quarantine ...``.
 
 Exit codes: 0 success, 1 a test or check failed, 2 the configuration or rules
 are invalid (the message names the file, key or line).
@@ -10,14 +10,14 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from smtpproxy import __version__
-from smtpproxy.config import Config, ConfigError, load_config
+from smtpproxy.config import Config, ConfigError, load_config, resolved_settings
 from smtpproxy.logs import setup_logging
 
 log = logging.getLogger("smtpproxy")
@@ -25,15 +25,35 @@ log = logging.getLogger("smtpproxy")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
+class _Version(argparse.Action):
+    """``--version``: argparse's own action would re-wrap the one-library-per-line text."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        from smtpproxy.versions import version_text
+
+        print(version_text())
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse definitions: the CLI, and the source of the man page and the bash completion."""
+    from smtpproxy.quarantinecmd import add_parser as add_quarantine
+
     parser = argparse.ArgumentParser(prog="smtpproxy", description="Inbound SMTP filtering proxy.")
-    parser.add_argument("--version", action="version", version=f"smtpproxy {__version__}")
+    parser.add_argument(
+        "--version", action=_Version, help="print our version and the mail libraries', then exit"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
 
-    cfg = sub.add_parser("config", help="validate a config file and print the effective settings")
+    cfg = sub.add_parser(
+        "config", help="validate a config file and print the effective settings, paths resolved"
+    )
     cfg.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
 
     check = sub.add_parser("check", help="evaluate one message through the pipeline (no backend); print JSON")
@@ -44,7 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--rcpt", action="append", default=[], help="a RCPT TO address (repeatable)")
     check.add_argument("message", help="the message file (.eml)")
 
-    rules = sub.add_parser("rules", help="validate or test rule files")
+    init = sub.add_parser(
+        "init", help="write a commented smtpproxy.yaml, a rules/ folder and a systemd drop-in"
+    )
+    init.add_argument("dir", help="the folder to write into (e.g. /etc/smtpproxy); nothing is overwritten")
+
+    rules = sub.add_parser("rules", help="validate or test rule files, or say where they are")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     for name, text in (
         ("check", "validate rule files and lists"),
@@ -53,19 +78,31 @@ def _parser() -> argparse.ArgumentParser:
         p = rules_sub.add_parser(name, help=text)
         p.add_argument("dir", nargs="?", help="rules folder (default: the config's `rules`)")
         p.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
+    path = rules_sub.add_parser("path", help="print the rules folder in use (the packaged one by default)")
+    path.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
+    add_quarantine(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``smtpproxy`` console script."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "init":
+        return _init(Path(args.dir))
     try:
         config = load_config(args.config)
     except ConfigError as err:
         print(err.render(), file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "config":
-        print(config.model_dump_json(indent=2, exclude={"base_dir"}))
+        print(json.dumps(resolved_settings(config), indent=2))
+        return EXIT_OK
+    if args.command == "quarantine":
+        from smtpproxy.quarantinecmd import run as run_quarantine
+
+        return run_quarantine(config, args)
+    if args.command == "rules" and args.rules_command == "path":
+        print(config.rules_path if config.rules_path is not None else "none (rules: null)")
         return EXIT_OK
     if args.command == "rules":
         from smtpproxy.rules.cli import cmd_rules_check, cmd_rules_test
@@ -83,6 +120,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(config, args)
     return serve(config, args.config)
+
+
+def _init(folder: Path) -> int:
+    from smtpproxy.initcmd import InitError, init
+
+    try:
+        written = init(folder)
+    except InitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    for path in written:
+        print(f"wrote {path}")
+    return EXIT_OK
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from smtpproxy.session import Session
 from smtpproxy.verdict import Reply
 
 if TYPE_CHECKING:
-    from smtpproxy.app import App
+    from smtpproxy.context import ConnectionContext
 
 log = logging.getLogger("smtpproxy.handler")
 
@@ -30,7 +30,7 @@ log = logging.getLogger("smtpproxy.handler")
 class ConnectionHandler:
     """The aiosmtpd handler of one connection; owns its policy and the open backend transaction."""
 
-    def __init__(self, app: App, session: Session) -> None:
+    def __init__(self, app: ConnectionContext, session: Session) -> None:
         self.app = app
         self.session = session
         self.policy: SessionPolicy = app.policy.session(session)
@@ -172,8 +172,11 @@ class ConnectionHandler:
         if self.txn is None or btx is None:
             return replies.NEED_MAIL.render()
         started = time.perf_counter()
+        message = bytes(envelope.original_content)
+        # The transaction holds the message from here on: not the envelope too.
+        envelope.content = envelope.original_content = None
         try:
-            reply = await self._deliver(bytes(envelope.original_content), btx)
+            reply = await self._deliver(message, btx)
         finally:
             self.app.metrics.data_duration.observe(time.perf_counter() - started)
         if self.app.draining:

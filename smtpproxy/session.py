@@ -74,6 +74,7 @@ class Session:
     # The check or rule whose ACCEPT (at connect or HELO) ended filtering for
     # the whole connection; protection still applies (see Check.protective).
     accepted_by: str | None = None
+    junk_commands: int = 0  # NOOP, RSET, VRFY, EXPN, HELP, repeated HELO since the last delivery
     extras: dict[str, Any] = field(default_factory=dict)  # per-check connection state
     _address: tuple[IPAddress, str] | None = field(default=None, init=False, repr=False, compare=False)
 

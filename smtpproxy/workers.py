@@ -28,7 +28,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from smtpproxy.app import make_backend
+from smtpproxy.backend.factory import make_backend
 from smtpproxy.config import Config
 from smtpproxy.dns import DnsReadiness, Resolver
 from smtpproxy.httpserver import MetricsServer

@@ -190,11 +190,13 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     assert config.rules_path == cfg.parent / "myrules"
 
 
-def test_embedded_defaults_need_their_rules_folder(tmp_path: Path) -> None:
-    """Without ./rules the embedded defaults would filter nothing: they refuse to start."""
-    result = run_cli("serve", cwd=tmp_path)
+def test_a_rules_folder_that_does_not_exist_refuses_to_start(tmp_path: Path) -> None:
+    """Without its rules folder a config would filter nothing: it refuses to start."""
+    cfg = tmp_path / "smtpproxy.yaml"
+    cfg.write_text("rules: rules\n")
+    result = run_cli("serve", "--config", str(cfg), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert "error: invalid configuration in <embedded defaults>:" in result.stderr
+    assert f"error: invalid configuration in {cfg}:" in result.stderr
     assert (
         f"rules: expected an existing folder of rule files (or null for no rules), got 'rules' (no such folder: {tmp_path / 'rules'})"
         in (result.stderr)
@@ -209,7 +211,6 @@ def test_embedded_defaults_deliver_into_maildir(tmp_path: Path, dns_server: DnsS
         pytest.skip("port 2525 is in use on this machine")
     except TimeoutError:
         pass
-    (tmp_path / "rules").mkdir()  # an empty rules folder: no rules
     # The embedded defaults read the machine's resolv.conf: the test DNS server stands in for it.
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.system_resolver", dns_server.address, "serve"],

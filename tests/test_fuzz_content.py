@@ -116,7 +116,7 @@ messages = st.builds(
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[App, asyncio.AbstractEventLoop]]:
     tmp = tmp_path_factory.mktemp("fuzzcontent")
     rules = tmp / "rules"
-    shutil.copytree(ROOT / "rules", rules)
+    shutil.copytree(ROOT / "smtpproxy" / "data" / "rules", rules)
     (rules / "99-fuzz.yaml").write_text(BODY_RULES)
     dns = DnsServer(
         {

@@ -23,7 +23,7 @@ from tests.dnsserver import DnsServer
 from tests.postfix import PostfixInstance, free_port, postfix_available
 from tests.smtpclient import RawClient, make_message
 
-SHIPPED = Path(__file__).resolve().parent.parent / "rules"
+SHIPPED = Path(__file__).resolve().parent.parent / "smtpproxy" / "data" / "rules"
 ZONE: dict[str, Any] = {
     "sender.example": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
     "_dmarc.sender.example": [("TXT", "v=DMARC1; p=none")],

@@ -21,7 +21,7 @@ from smtpproxy.checkcmd import run_check
 from tests.backends import RecordingBackend
 from tests.smtpclient import RawClient, dot_stuff
 
-SHIPPED = Path(__file__).resolve().parent.parent / "rules"
+SHIPPED = Path(__file__).resolve().parent.parent / "smtpproxy" / "data" / "rules"
 SAMPLES = SHIPPED / "samples"
 
 HELOS = ["mx1.sender.example", "DESKTOP-4F2A", "[192.0.2.7]"]

@@ -318,3 +318,24 @@ async def test_client_vanishing_while_backend_takes_data_is_logged_not_cut(
         r for r in caplog.records if getattr(r, "fields", {}).get("reason") == "client_lost_before_reply"
     ]
     assert lines and lines[0].fields["action"] == "delivered"  # type: ignore[attr-defined]
+
+
+async def test_shutdown_tells_idle_clients_421_and_lets_a_transaction_finish(
+    backend: RecordingBackend, start_proxy
+) -> None:
+    """SIGTERM's drain: idle connections hear 421 4.3.2 at once; one mid-transaction may deliver first."""
+    proxy = await start_proxy()
+    async with RawClient(proxy.host, proxy.port) as idle, RawClient(proxy.host, proxy.port) as busy:
+        await idle.connect()
+        await idle.cmd("EHLO idle.test")
+        await busy.connect()
+        await busy.cmd("EHLO busy.test")
+        assert (await busy.cmd("MAIL FROM:<s@sender.example>")).code == 250
+        assert (await busy.cmd("RCPT TO:<user@example.org>")).code == 250
+        stopping = asyncio.ensure_future(proxy.app.stop(grace=5))
+        goodbye = await idle.reply()
+        assert (goodbye.code, goodbye.text[:5]) == (421, "4.3.2"), goodbye
+        assert (await busy.cmd("DATA")).code == 354
+        assert (await busy.cmd(make_message() + b".")).code == 250
+        await stopping
+    assert len(backend.messages) == 1

@@ -32,6 +32,8 @@ def session(ip: str = "192.0.2.10", helo: str = "client.example") -> Session:
 def make(
     limits: list[dict[str, Any]], **extra: Any
 ) -> tuple[RateLimitCheck, Metrics, FakeClock, MemoryStore]:
+    # The default per-address connection cap is a limit too: off unless a test asks for it.
+    extra.setdefault("limits", {"max_connections_per_ip": None})
     config = build_config({"ratelimits": limits, **extra})
     metrics = Metrics(process=False)
     clock = FakeClock()
@@ -246,3 +248,25 @@ def test_limiter_rejects_unknown_fail_policy(bad_fail: str) -> None:
 
     with pytest.raises(ValueError, match="open or closed"):
         RateLimiter([], MemoryStore(1024), Metrics(process=False), fail=bad_fail)
+
+
+def test_ratelimit_keys_and_stage_speak_the_rule_language_too() -> None:
+    """One vocabulary: rule field names and ``stage:`` work in ``ratelimits``; the old words still do."""
+    from smtpproxy.config import build_config
+
+    new = {"name": "a", "key": ["client.ip", "mail_from.domain"], "stage": "rcpt", "rate": "10/hour"}
+    old = {"name": "b", "key": "client_ip+sender_domain", "on": "rcpt", "rate": "10/hour"}
+    first, second = build_config({"ratelimits": [new, old]}).ratelimits
+    assert (first.key, first.on) == (second.key, second.on) == (["client_ip", "sender_domain"], "rcpt")
+    fields = {
+        "name": "c",
+        "key": ["client.net", "mail_from", "rcpt", "rcpt.domain"],
+        "on": "rcpt",
+        "rate": "1/second",
+    }
+    assert build_config({"ratelimits": [fields]}).ratelimits[0].key == [
+        "client_net",
+        "sender",
+        "recipient",
+        "recipient_domain",
+    ]

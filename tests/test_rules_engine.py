@@ -23,7 +23,7 @@ from smtpproxy.session import Recipient, Session, Transaction
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Verdict
 from tests.dnsserver import DnsServer
 
-REPO_RULES = Path(__file__).resolve().parent.parent / "rules"
+REPO_RULES = Path(__file__).resolve().parent.parent / "smtpproxy" / "data" / "rules"
 CLEAN = b"From: a@example.net\r\nSubject: hello\r\nDate: Mon, 3 Jun 2024 10:00:00 +0000\r\nMessage-ID: <x@y>\r\n\r\nhi\r\n"
 
 

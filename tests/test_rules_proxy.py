@@ -29,7 +29,7 @@ QUIET = {
 }
 
 
-SHIPPED = Path(__file__).resolve().parent.parent / "rules"
+SHIPPED = Path(__file__).resolve().parent.parent / "smtpproxy" / "data" / "rules"
 
 
 def read_file(path: str | Path) -> bytes:

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from smtpproxy.rules.mime import body_facts, parse_body
 from smtpproxy.rules.rawmime import MAX_DEPTH, parse_message, raw_header_fields
 
-SAMPLES = sorted((Path(__file__).resolve().parent.parent / "rules" / "samples").glob("*.eml"))
+SAMPLES = sorted(
+    (Path(__file__).resolve().parent.parent / "smtpproxy" / "data" / "rules" / "samples").glob("*.eml")
+)
 
 
 def reference(raw: bytes) -> Message:

@@ -295,7 +295,7 @@ def _shipped_rule_folder(tmp_path: Path, name: str) -> Path:
     """A rules folder holding one of the shipped rule files."""
     rules = tmp_path / "rules"
     rules.mkdir()
-    shipped = Path(__file__).resolve().parent.parent / "rules" / name
+    shipped = Path(__file__).resolve().parent.parent / "smtpproxy" / "data" / "rules" / name
     (rules / name).write_text(shipped.read_text())
     return rules
 

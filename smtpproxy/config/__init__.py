@@ -2,12 +2,15 @@
 
 ``load_config(path)`` reads YAML, validates every key and raises ``ConfigError``
 listing every problem as ``key.path: expected ..., got ...`` (each line says
-"got" once). Relative paths resolve against the folder of the config file (the
-current folder for the embedded defaults); the files and folders they name are
-checked too (``paths``): a missing rules folder, TLS file or maildir parent
-stops the start instead of switching something off.
+"got" once). A file names only what it changes: without a file (``path`` None)
+the model's defaults apply, and a file changes exactly the keys it writes.
+Relative paths written in a file resolve against its folder; defaults resolve
+as without a file (the maildir in the current folder, the packaged rules). The
+files and folders they name are checked too (``paths``): a missing rules
+folder, TLS file or maildir parent stops the start instead of switching
+something off.
 
-The top-level ``Config`` lives here; its sections by area in ``sections``
+The top-level ``Config`` lives in ``model``; its sections by area in ``sections``
 (serving), ``auth`` (SPF, DKIM, ARC, DMARC) and ``ratelimits``; ``base`` has
 the error type and the section base class.
 """
@@ -16,23 +19,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from smtpproxy.addresses import HostPort, parse_hostport
 from smtpproxy.config.auth import ArcConfig, DkimConfig, DmarcConfig, SpfConfig
-from smtpproxy.config.base import CidrList, ConfigError, DomainList, PositiveFloat, Section
+from smtpproxy.config.base import DEFAULT_MAILDIR, MAILDIR, PACKAGED_RULES, ConfigError
 from smtpproxy.config.milter import MilterConfig
-from smtpproxy.config.paths import DEFAULT_MAILDIR, check_paths
-from smtpproxy.config.ratelimits import (
-    ClientNetPrefix,
-    RateLimitConfig,
-    RateLimitList,
-    SessionLimitsConfig,
-    valid_store,
-)
+from smtpproxy.config.model import Config
+from smtpproxy.config.paths import check_paths, resolved_settings
+from smtpproxy.config.ratelimits import ClientNetPrefix, RateLimitConfig, SessionLimitsConfig
 from smtpproxy.config.sections import (
     BackendOptions,
     DnsConfig,
@@ -45,7 +42,7 @@ from smtpproxy.config.sections import (
 )
 
 __all__ = [
-    "EMBEDDED_DEFAULTS",
+    "PACKAGED_RULES",
     "ArcConfig",
     "BackendOptions",
     "ClientNetPrefix",
@@ -66,131 +63,8 @@ __all__ = [
     "TlsConfig",
     "build_config",
     "load_config",
+    "resolved_settings",
 ]
-
-
-class Config(Section):
-    """The whole configuration of one proxy instance."""
-
-    # null: no SMTP listener (milter mode only, with milter.listen).
-    listen: str | None = "127.0.0.1:2525"
-    hostname: str = "localhost"
-    backend: str = DEFAULT_MAILDIR
-    backend_options: BackendOptions = BackendOptions()
-    metrics: str | None = "127.0.0.1:9125"
-    relay_domains: DomainList = []
-    # Postfix's mynetworks: clients that may relay to any domain. An accept rule
-    # (a trusted-networks list) does not give relay permission; only this does.
-    relay_networks: CidrList = []
-    dns: DnsConfig = DnsConfig()
-    spf: SpfConfig = SpfConfig()
-    dkim: DkimConfig = DkimConfig()
-    arc: ArcConfig = ArcConfig()
-    dmarc: DmarcConfig = DmarcConfig()
-    # The rules folder; null: no rules on purpose (a folder that does not exist is an error).
-    rules: Path | None = Path("rules")
-    rules_options: RulesOptionsConfig = RulesOptionsConfig()
-    scores: ScoresConfig = ScoresConfig()
-    limits: LimitsConfig = LimitsConfig()
-    tls: TlsConfig = TlsConfig()
-    proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
-    log: LogConfig = LogConfig()
-    shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
-    # Serving processes sharing the listening port (SO_REUSEPORT); metrics of
-    # all of them are aggregated on the one metrics port.
-    workers: Annotated[int, Field(ge=1, le=256)] = 1
-    check_timeout: PositiveFloat = 20.0
-    # What a check that raises or times out turns into: a tempfail (451 4.3.0,
-    # the sender retries) or nothing (the check is skipped, logged, counted).
-    on_check_error: Literal["tempfail", "continue"] = "tempfail"
-    # Rate limits (smtpproxy.ratelimit): the limits, where their state lives,
-    # and what a store failure means (open: allow and count; closed: 4xx).
-    ratelimits: RateLimitList = []
-    ratelimit_store: Annotated[str, AfterValidator(valid_store)] = "memory"
-    ratelimit_store_timeout: PositiveFloat = 0.25
-    ratelimit_fail: Literal["open", "closed"] = "open"
-    ratelimit_exempt: CidrList = []
-    ratelimit_memory_max_keys: Annotated[int, Field(ge=1024)] = 1_000_000
-    ratelimit_concurrency_ttl: Annotated[float, Field(ge=10)] = 900.0
-    session_limits: SessionLimitsConfig = SessionLimitsConfig()
-    # The same policy served to an MTA over the milter protocol (smtpproxy.milter).
-    milter: MilterConfig = MilterConfig()
-    # Resolved location of the config file's folder; not a key users write.
-    base_dir: Path = Field(default=Path("."), exclude=True)
-
-    @field_validator("listen")
-    @classmethod
-    def _valid_listen(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_hostport(value)
-        return value
-
-    @model_validator(mode="after")
-    def _serves_something(self) -> Config:
-        if self.listen is None and self.milter.listen is None:
-            raise ValueError("listen: expected host:port, or null only with milter.listen set, got null")
-        if self.milter.listen is not None and self.workers > 1:
-            # The supervisor shares one SMTP port between processes; not the milter's.
-            raise ValueError(f"milter.listen: expected workers: 1 with a milter, got workers: {self.workers}")
-        return self
-
-    @field_validator("metrics")
-    @classmethod
-    def _valid_metrics(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_hostport(value)
-        return value
-
-    @field_validator("hostname")
-    @classmethod
-    def _valid_hostname(cls, value: str) -> str:
-        if not value or any(c.isspace() or ord(c) < 33 or ord(c) > 126 for c in value):
-            raise ValueError("expected a host name without spaces or control characters")
-        return value
-
-    @field_validator("backend")
-    @classmethod
-    def _valid_backend(cls, value: str) -> str:
-        if value.startswith("maildir:"):
-            if not value[len("maildir:") :]:
-                raise ValueError("expected maildir:PATH with a path")
-            return value
-        for scheme in ("smtp://", "smtps://"):
-            if value.startswith(scheme):
-                try:
-                    parse_hostport(value[len(scheme) :].rstrip("/"))
-                except ValueError:
-                    # Quote the whole URL, not only the host:port part that failed.
-                    raise ValueError(f"expected {scheme}host:port (port 0..65535), got {value!r}") from None
-                return value
-        raise ValueError("expected smtp://host:port, smtps://host:port or maildir:PATH")
-
-    @property
-    def listen_address(self) -> HostPort | None:
-        """``listen`` parsed; None without an SMTP listener (milter only)."""
-        return None if self.listen is None else parse_hostport(self.listen)
-
-    @property
-    def metrics_address(self) -> HostPort | None:
-        """``metrics`` parsed; None when metrics are disabled."""
-        return parse_hostport(self.metrics) if self.metrics else None
-
-    def path(self, value: Path | str) -> Path:
-        """Resolve a path from the config against the config file's folder."""
-        p = Path(value)
-        return p if p.is_absolute() else (self.base_dir / p)
-
-    @property
-    def maildir_path(self) -> Path | None:
-        """The maildir backend folder, resolved; None for an SMTP backend."""
-        if self.backend.startswith("maildir:"):
-            return self.path(self.backend[len("maildir:") :])
-        return None
-
-    @property
-    def rules_path(self) -> Path | None:
-        """The rules folder, resolved; None for ``rules: null`` (no rules)."""
-        return None if self.rules is None else self.path(self.rules)
 
 
 def _describe(value: Any) -> str:
@@ -225,35 +99,28 @@ def build_config(data: dict[str, Any], *, source: str = "<defaults>", base_dir: 
     """Validate a mapping into a Config, or raise ConfigError naming every bad key.
 
     The files and folders it names are checked as well (``paths.check_paths``).
+    Keys left out keep their defaults and resolve as without a file: the
+    default maildir is ``./var/mail`` of the current folder, not of ``base_dir``.
     """
     if not isinstance(data, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of keys, got {_describe(data)}"])
+    default_maildir = "backend" not in data
+    if default_maildir:
+        data = {**data, "backend": MAILDIR + str(Path.cwd() / DEFAULT_MAILDIR[len(MAILDIR) :])}
     try:
         config = Config.model_validate({**data, "base_dir": base_dir or Path.cwd()})
     except ValidationError as err:
         raise ConfigError(source, _format_errors(err)) from None
-    problems = check_paths(config)
+    problems = check_paths(config, default_maildir=default_maildir)
     if problems:
         raise ConfigError(source, problems)
     return config
 
 
-# What `smtpproxy serve` runs on without --config: a newcomer's first look.
-# Mail for example.org and localhost flows into ./var/mail (a Maildir).
-EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "listen": "127.0.0.1:2525",
-    "hostname": "localhost",
-    "backend": "maildir:./var/mail",
-    "metrics": "127.0.0.1:9125",
-    "relay_domains": ["example.org", "localhost"],
-    "rules": "rules",
-}
-
-
 def load_config(path: str | Path | None) -> Config:
-    """Load and validate the YAML file at ``path``; None gives the embedded defaults."""
+    """Load and validate the YAML file at ``path``; None gives the defaults (the same as an empty file)."""
     if path is None:
-        return build_config(EMBEDDED_DEFAULTS, source="<embedded defaults>")
+        return build_config({}, source="<embedded defaults>")
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

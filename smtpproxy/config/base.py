@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -57,3 +58,9 @@ def _domain_names(value: list[str]) -> list[str]:
 
 # Domain names, lower-cased and without the final dot.
 DomainList = Annotated[list[str], AfterValidator(_domain_names)]
+
+
+MAILDIR = "maildir:"
+DEFAULT_MAILDIR = "maildir:./var/mail"
+# The rules and lists shipped inside the package: what runs when the config has no `rules` key.
+PACKAGED_RULES = Path(__file__).resolve().parent.parent / "data" / "rules"

@@ -10,9 +10,14 @@ later with a bare ``[Errno 2]`` (a missing TLS certificate). What each key needs
 - a ``maildir:PATH`` (``backend``, ``scores.quarantine_to``): the maildir folder
   itself, or its parent folder, exists. The proxy creates the maildir (and its
   ``tmp``/``new``/``cur``) but never a chain of folders: a mistyped path is an
-  error, not a new tree made by root. The default ``maildir:./var/mail`` (of the
-  model and of the embedded defaults) is exempt: it is documented, not a typo,
-  and a first run in a fresh folder creates it.
+  error, not a new tree made by root. The default maildir (``./var/mail`` of
+  the current folder, used when the config has no ``backend`` key) is exempt:
+  it is documented, not a typo, and a first run in a fresh folder creates it.
+
+Keys a config file leaves out keep their defaults *and* resolve as they would
+without a file: the default maildir lands in the current folder (the service's
+``WorkingDirectory``), not next to the config file (``/etc`` is read-only under
+``ProtectSystem=strict``), and the default rules are the packaged ones.
 """
 
 from __future__ import annotations
@@ -20,17 +25,19 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from smtpproxy.config.base import MAILDIR
 
 if TYPE_CHECKING:
-    from smtpproxy.config import Config
-
-MAILDIR = "maildir:"
-DEFAULT_MAILDIR = "maildir:./var/mail"
+    from smtpproxy.config.model import Config
 
 
-def check_paths(config: Config) -> list[str]:
-    """One problem line per path key that cannot work (``key: expected ..., got ...``); [] when all do."""
+def check_paths(config: Config, *, default_maildir: bool = False) -> list[str]:
+    """One problem line per path key that cannot work (``key: expected ..., got ...``); [] when all do.
+
+    ``default_maildir``: ``backend`` is the default (not written in the file), exempt from the check.
+    """
     problems: list[str] = []
     if config.rules is not None:
         folder = config.path(config.rules)
@@ -41,7 +48,7 @@ def check_paths(config: Config) -> list[str]:
                 f"got {str(config.rules)!r} ({what}: {folder})"
             )
     problems += _tls_problems(config)
-    if config.backend != DEFAULT_MAILDIR and config.listen is not None:  # milter only: no backend
+    if not default_maildir and config.listen is not None:  # milter only (listen: null): no backend
         problems += _maildir_problems("backend", config.backend, config)
     if config.scores.quarantine_to is not None:
         problems += _maildir_problems("scores.quarantine_to", config.scores.quarantine_to, config)
@@ -99,3 +106,20 @@ def _maildir_problems(key: str, value: str, config: Config) -> list[str]:
             f"got {value!r} (no such folder: {folder.parent})"
         ]
     return []
+
+
+def resolved_settings(config: Config) -> dict[str, Any]:
+    """The effective settings as JSON-ready data, every path resolved as the proxy will use it."""
+    data: dict[str, Any] = config.model_dump(mode="json", exclude={"base_dir"})
+    if config.rules_path is not None:
+        data["rules"] = str(config.rules_path)
+    for key in ("cert", "key"):
+        value = getattr(config.tls, key)
+        if value is not None:
+            data["tls"][key] = str(config.path(value))
+    if config.maildir_path is not None:
+        data["backend"] = MAILDIR + str(config.maildir_path)
+    target = config.scores.quarantine_to
+    if target is not None and target.startswith(MAILDIR):
+        data["scores"]["quarantine_to"] = MAILDIR + str(config.path(target[len(MAILDIR) :]))
+    return data

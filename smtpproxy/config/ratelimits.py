@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, AliasChoices, Field, field_validator, model_validator
 
 from smtpproxy.config.base import CidrList, PositiveFloat, PositiveInt, Section
 from smtpproxy.ratelimit.gcra import Rate, parse_rate
-from smtpproxy.ratelimit.keys import CONNECTION_KINDS, KEY_KINDS, earliest_stage, key_problem
+from smtpproxy.ratelimit.keys import CONNECTION_KINDS, FIELD_NAMES, KEY_KINDS, earliest_stage, key_problem
 from smtpproxy.ratelimit.store import REDIS_SCHEMES
 
 
@@ -22,8 +22,9 @@ class ClientNetPrefix(Section):
 class RateLimitConfig(Section):
     """One entry of ``ratelimits``: a keyed rate (GCRA with burst) or a concurrency limit.
 
-    ``key`` is one kind or a list of kinds (``[client_ip, sender_domain]``;
-    ``"client_ip+sender_domain"`` is accepted as shorthand). ``burst``
+    ``key`` is one kind or a list of kinds (``[client_ip, sender_domain]``, or
+    as rule fields ``[client.ip, mail_from.domain]``; ``"client_ip+sender_domain"``
+    is accepted as shorthand). ``burst``
     defaults to the rate's count. ``on`` defaults to the first stage where the
     key is known. A concurrency limit (``concurrency: N``) is held from connect
     to disconnect and keys on client_ip or client_net only.
@@ -33,7 +34,10 @@ class RateLimitConfig(Section):
     key: list[str]
     rate: str | None = None
     burst: PositiveInt | None = None
-    on: Literal["connect", "helo", "mail", "rcpt", "data"] | None = None
+    # ``stage:`` as in rules, or ``on:`` as written before.
+    on: Literal["connect", "helo", "mail", "rcpt", "data"] | None = Field(
+        default=None, validation_alias=AliasChoices("on", "stage")
+    )
     concurrency: PositiveInt | None = None
     exempt: CidrList = []
     client_net_prefix: ClientNetPrefix = ClientNetPrefix()
@@ -42,7 +46,9 @@ class RateLimitConfig(Section):
     @classmethod
     def _split_key(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [part.strip() for part in value.split("+")]
+            value = [part.strip() for part in value.split("+")]
+        if isinstance(value, list):
+            return [FIELD_NAMES.get(part, part) if isinstance(part, str) else part for part in value]
         return value
 
     @field_validator("key")
@@ -126,6 +132,9 @@ class SessionLimitsConfig(Section):
     max_rejected_recipients: RCPTs refused (a dictionary attack; 421 4.7.0).
     max_errors: every error above plus any other error reply (421 4.7.0).
     max_duration: seconds since connect (421 4.4.2).
+    max_junk_commands: NOOP, RSET, VRFY, EXPN, HELP and repeated HELO/EHLO
+    (Postfix's smtpd_junk_command_limit; 421 4.7.0); the count starts again
+    when a message is delivered.
     tarpit_delay: seconds to wait before answering, per error so far (0: off),
     growing linearly with the errors up to tarpit_max.
     """
@@ -135,5 +144,6 @@ class SessionLimitsConfig(Section):
     max_rejected_recipients: PositiveInt | None = 20
     max_errors: PositiveInt | None = 50
     max_duration: PositiveFloat | None = 3600.0
+    max_junk_commands: PositiveInt | None = 100
     tarpit_delay: Annotated[float, Field(ge=0, le=60)] = 0.0
     tarpit_max: Annotated[float, Field(ge=0, le=300)] = 10.0

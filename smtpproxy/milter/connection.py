@@ -20,18 +20,15 @@ import ipaddress
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
 
 from smtpproxy import replies
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import Act, MilterProtocolError, Proto
+from smtpproxy.milter.context import MilterContext
 from smtpproxy.milter.edits import Append, Change, Insert, operations
 from smtpproxy.policy import Decision, SessionPolicy
 from smtpproxy.session import Session, TlsInfo, new_id
 from smtpproxy.verdict import Action, Reply
-
-if TYPE_CHECKING:
-    from smtpproxy.app import App
 
 log = logging.getLogger("smtpproxy.milter")
 
@@ -82,7 +79,9 @@ class _OutOfOrder(MilterProtocolError):
 class MilterConnection:
     """The state of one MTA connection: negotiated options, macros, the policy, the message so far."""
 
-    def __init__(self, app: App, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, app: MilterContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.app = app
         self.reader = reader
         self.writer = writer

@@ -8,13 +8,10 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
 
 from smtpproxy.config.milter import MilterAddress
 from smtpproxy.milter.connection import MilterConnection
-
-if TYPE_CHECKING:
-    from smtpproxy.app import App
+from smtpproxy.milter.context import MilterContext
 
 log = logging.getLogger("smtpproxy.milter")
 
@@ -24,7 +21,7 @@ SOCKET_MODE = 0o660  # the MTA's group (postfix) may connect, nobody else
 class MilterServer:
     """Accepts MTA connections and runs one :class:`MilterConnection` for each."""
 
-    def __init__(self, app: App, address: MilterAddress) -> None:
+    def __init__(self, app: MilterContext, address: MilterAddress) -> None:
         self.app = app
         self.address = address
         self.connections: set[MilterConnection] = set()

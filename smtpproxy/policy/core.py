@@ -43,6 +43,7 @@ from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
 from smtpproxy.policy.combine import combine
 from smtpproxy.ratelimit.session_limits import SessionLimits
+from smtpproxy.rules.facts import drop_content_facts
 from smtpproxy.session import Recipient, Session, Transaction, new_id
 from smtpproxy.stages import Stage
 from smtpproxy.verdict import Action, HeaderEdit, Reply, StageOutcome
@@ -268,6 +269,13 @@ class SessionPolicy:
             return Decision(verdict.reply, disconnect=True, delay=delay, reason=verdict.reasons[0])
         return Decision(delay=delay)
 
+    def junk_command(self) -> Decision:
+        """A command that moves no mail on (NOOP, RSET, VRFY, EXPN, HELP, a repeated HELO): 421 at the limit."""
+        verdict = self.policy.session_limits.on_junk_command(self.session)
+        if verdict is None or verdict.reply is None:
+            return FORWARD
+        return Decision(verdict.reply, disconnect=True, reason=verdict.reasons[0])
+
     # -- content ------------------------------------------------------------------
 
     async def data(self, message: bytes) -> Delivery:
@@ -278,6 +286,7 @@ class SessionPolicy:
         self.session.messages += 1
         self.policy.metrics.message_size.observe(len(message))
         outcome = await self.policy.pipeline.run(Stage.DATA, self.session, txn)
+        drop_content_facts(txn)  # what the rules decoded of the content: no check reads it any more
         final = combine(
             outcome, self._mail_outcome, self._rcpt_outcomes, txn.accepted_by or self.session.accepted_by
         )
@@ -293,6 +302,8 @@ class SessionPolicy:
         trace = received_header(self.session, txn, self.policy.hostname)
         # Incoming Authentication-Results claiming our authserv-id are forgeries.
         content = apply_edits(message, final.header_edits, prepend=trace, drop=self.policy.forged_ar)
+        # What goes out replaces what came in: one copy is held while it is sent.
+        txn.message = content
         if action is Action.QUARANTINE:
             return Delivery(
                 action, reason or "quarantine", None, content, final.quarantine_to, header_edits=edits
@@ -310,6 +321,8 @@ class SessionPolicy:
         elif client_gone:
             self.end(result_word(reply), "data", "client_lost_before_reply", reply)
         elif reply.is_positive:
+            # As Postfix does: junk commands are counted again from a delivery on.
+            self.session.junk_commands = 0
             word = "quarantined" if delivery.action is Action.QUARANTINE else "delivered"
             self.end(word, "data", delivery.reason, reply)
         else:

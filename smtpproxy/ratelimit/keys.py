@@ -14,7 +14,9 @@ recipient         rcpt       the RCPT TO address, lower-cased (rcpt only)
 recipient_domain  rcpt       its domain, lower-cased (rcpt only)
 ================= ========== ===========================================
 
-A combined key (``key: [client_ip, sender_domain]``) counts each distinct pair
+Each kind may also be written as its rule field (``client.ip``,
+``mail_from.domain``, ``rcpt.domain``...; see ``FIELD_NAMES``). A combined
+key (``key: [client_ip, sender_domain]``) counts each distinct pair
 separately. The key text is ``<limit name>:<values joined by |>``; values
 longer than 128 characters are replaced by a hash so a hostile HELO or address
 cannot make stored keys big. Keys never appear in replies, logs or metrics.
@@ -42,6 +44,18 @@ KEY_KINDS: dict[str, str] = {
     "sender_domain": "mail",
     "recipient": "rcpt",
     "recipient_domain": "rcpt",
+}
+# The same facts under the names the rule language gives them (``client.ip``,
+# ``mail_from.domain``...): one vocabulary for rules and rate limits. The kinds
+# above stay accepted, as configs written before use them.
+FIELD_NAMES: dict[str, str] = {
+    "client.ip": "client_ip",
+    "client.net": "client_net",
+    "mail_from": "sender",
+    "mail_from.domain": "sender_domain",
+    "rcpt": "recipient",
+    "rcpt.domain": "recipient_domain",
+    "auth.user": "auth_user",
 }
 # Kinds only known at one stage (one recipient at a time).
 RCPT_ONLY = frozenset({"recipient", "recipient_domain"})

@@ -29,6 +29,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from smtpproxy.quarantine import quarantine_headers
 from smtpproxy.rules.actions import QUARANTINE_HEADER, RuleActions
 from smtpproxy.rules.conditions import Evidence
 from smtpproxy.rules.fields import EvalContext
@@ -46,7 +47,9 @@ from smtpproxy.stages import Check, CheckOutcome, Stage
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Reply, Verdict
 
 if TYPE_CHECKING:
-    from smtpproxy.rules.engine import RulesEngine
+    from smtpproxy.config import ScoresConfig
+    from smtpproxy.metrics import Metrics
+    from smtpproxy.ratelimit.limiter import RateLimiter
 
 log = logging.getLogger("smtpproxy.rules")
 
@@ -93,13 +96,23 @@ def dnsbl_name(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: str) -> 
     return ".".join(reversed(ip.exploded.replace(":", ""))) + "." + zone
 
 
+class RuleSource(Protocol):
+    """What RulesCheck needs of the engine that owns it (``RulesEngine``): no back-reference to its type."""
+
+    current: RuleSet
+    metrics: Metrics
+    resolver: DnsResolver | None
+    scores: ScoresConfig
+    limiter: RateLimiter
+
+
 class RulesCheck(Check):
     """The ``rules`` check: runs after authentication so rules can use its results."""
 
     name = "rules"
     after = ("spf", "dkim", "arc", "dmarc")
 
-    def __init__(self, engine: RulesEngine) -> None:
+    def __init__(self, engine: RuleSource) -> None:
         self.engine = engine
         self._failed_fields: set[str] = set()  # logged once each; every failure is counted
 
@@ -309,6 +322,8 @@ class RulesCheck(Check):
             quarantine_to = rule.actions.quarantine_to
         elif action is Action.QUARANTINE:
             edits.append(HeaderEdit(HeaderEditKind.ADD, QUARANTINE_HEADER, "score"))
+        if action is Action.QUARANTINE and quarantine_to is not None:
+            edits += quarantine_headers(txn)
         reasons = (reason,) if action.is_terminal else tuple(dict.fromkeys(txn.matched_rules))
         return Verdict(action, reply, tuple(edits), reasons, quarantine_to=quarantine_to)
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import smtpproxy.rules.facts as facts
 from smtpproxy.addresses import domain_of
 from smtpproxy.ratelimit.keys import client_ip, client_net
-from smtpproxy.rules import facts
 from smtpproxy.rules.mime import Attachment
 from smtpproxy.rules.sessionstate import session_score
 from smtpproxy.session import Recipient, Session, Transaction

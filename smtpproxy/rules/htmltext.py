@@ -21,6 +21,9 @@ MAX_URLS = 1000
 
 def _url_options() -> Any:
     options = re2.Options()
+    # RE2 would also print each bad pattern to stderr through absl ("WARNING: All log
+    # messages before absl::InitializeLog()", "E0000 ... re2.cc"): our error names it.
+    options.log_errors = False
     options.case_sensitive = False
     return options
 

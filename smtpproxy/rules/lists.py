@@ -30,6 +30,9 @@ MAX_LIST_ENTRIES = 1_000_000
 
 def _regex_options() -> Any:
     options = re2.Options()
+    # RE2 would also print each bad pattern to stderr through absl ("WARNING: All log
+    # messages before absl::InitializeLog()", "E0000 ... re2.cc"): our error names it.
+    options.log_errors = False
     options.case_sensitive = False
     options.max_mem = 64 << 20
     return options

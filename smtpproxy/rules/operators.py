@@ -38,6 +38,9 @@ OPTIONS = ("case_sensitive", "subdomains")
 
 def _regex_options(case_sensitive: bool) -> Any:
     options = re2.Options()
+    # RE2 would also print each bad pattern to stderr through absl ("WARNING: All log
+    # messages before absl::InitializeLog()", "E0000 ... re2.cc"): our error names it.
+    options.log_errors = False
     options.case_sensitive = case_sensitive
     options.max_mem = 64 << 20
     return options
