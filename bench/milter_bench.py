@@ -51,6 +51,8 @@ def start_milter(folder: Path, port: int, dns: DnsServer, checks: str) -> subpro
         "rules_options": {"reload_interval": 0},
         "dns": {"nameservers": [dns.address], "reverse_lookup": False},
         "log": {"level": "warning"},
+        # Every bench client is 127.0.0.1: the per-IP concurrency limit would refuse them.
+        "limits": {"max_connections_per_ip": 10_000},
     }
     if checks == "core":
         config.update(CORE_ONLY, rules=None)
@@ -110,6 +112,11 @@ def main() -> None:
             }
         rejected = filtered.maillog().count("milter-reject")
         results["milter_rejects"] = rejected  # anything but 0: the milter refused bench mail
+    except subprocess.CalledProcessError:
+        # What Postfix said about it (milter trouble shows here), then the milter's own log.
+        lines = [x for x in filtered.maillog().splitlines() if "milter" in x or "warning" in x]
+        print("\n".join(lines[-20:]), (folder / "milter.log").read_text()[-3000:], sep="\n", file=sys.stderr)
+        raise
     finally:
         milter.terminate()
         milter.wait(30)
