@@ -264,3 +264,35 @@ async def test_slow_checks_send_progress_keepalives(
         assert await run(count_progress, app.milter.port) >= 2  # type: ignore[union-attr]
     finally:
         await app.stop(grace=0.5)
+
+
+def one_body(port: int, size: int) -> Any:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        m = MilterConnection(sock)
+        m.optneg_mta(ACTIONS)
+        m.send_ar(c.SMFIC_CONNECT, hostname="unknown", family="4", port=1, address="192.0.2.8")
+        m.send_ar(c.SMFIC_MAIL, args=["<a@sender.example>"])
+        m.send_ar(c.SMFIC_RCPT, args=["<user@example.org>"])
+        m._send(c.SMFIC_HEADER, name="Subject", value=" budget")
+        m._send(c.SMFIC_EOH)
+        m._send(c.SMFIC_BODY, buf="x" * size)
+        return m.send_eom()[-1]
+
+
+async def test_past_the_inflight_budget_the_message_gets_452_and_the_bytes_come_back(
+    tmp_path: Path, dns_server: DnsServer
+) -> None:
+    data = proxy_config(None, {**QUIET, "listen": None, "milter": {"listen": "127.0.0.1:0"}})
+    data["limits"] = {"max_inflight_bytes": 50_000}
+    app = App(build_config(data, base_dir=tmp_path))
+    await app.start()
+    try:
+        refused = await run(one_body, app.milter.port, 60_000)  # type: ignore[union-attr]
+        assert app.inflight.used == 0
+        accepted = await run(one_body, app.milter.port, 1_000)  # type: ignore[union-attr]
+        assert app.inflight.used == 0
+    finally:
+        await app.stop(grace=0.5)
+    assert refused[0] == c.SMFIR_REPLYCODE and refused[1]["smtpcode"] == "452"
+    assert "4.3.1 Insufficient system storage" in str(refused[1]["text"])
+    assert accepted[0] == c.SMFIR_ACCEPT

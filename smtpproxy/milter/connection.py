@@ -22,6 +22,7 @@ import socket
 import time
 
 from smtpproxy import replies
+from smtpproxy.inflight import Ticket
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import Act, MilterProtocolError, Proto
 from smtpproxy.milter.context import MilterContext
@@ -69,6 +70,7 @@ _NO_REPLY = {
 PROGRESS_INTERVAL = 10.0  # seconds: a slow end-of-message check keeps the MTA's timer from firing
 READ_SIZE = 65536
 TOO_BIG = Reply(552, "5.3.4", "Error: Too much mail data")  # the proxy's words (server.py)
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")  # limits.max_inflight_bytes
 
 
 class _OutOfOrder(MilterProtocolError):
@@ -96,6 +98,8 @@ class MilterConnection:
         self.body = bytearray()
         self.size = 0
         self.too_big = False
+        self.no_storage = False  # past the budget of message bytes in flight (limits.max_inflight_bytes)
+        self.ticket: Ticket | None = None
         self.busy = False  # a command is being answered: a drain waits for it
         self.closing = False
         sock = writer.get_extra_info("socket")
@@ -165,8 +169,11 @@ class MilterConnection:
         self.app.logs.connection_closed(policy.session)
 
     def _reset_message(self) -> None:
-        self.in_mail = self.in_body = self.too_big = False
+        self.in_mail = self.in_body = self.too_big = self.no_storage = False
         self.fields, self.body, self.size = [], bytearray(), 0
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            ticket.release()
 
     # -- one command ---------------------------------------------------------------------
 
@@ -218,7 +225,7 @@ class MilterConnection:
             if self.in_body:
                 raise _OutOfOrder("a header field after the body began")
             self._count(len(command.name) + len(command.value) + 3)
-            if not self.too_big:
+            if not self.dropping:
                 self.fields.append((command.name, command.value))
             return self._answer("L", codec.CONTINUE)
         if isinstance(command, codec.Body):
@@ -226,11 +233,14 @@ class MilterConnection:
             return self._body(command.chunk)
         assert isinstance(command, codec.EndOfMessage)
         self._body(command.chunk)
-        if self.too_big:
-            # The proxy's reply for the same message (its DATA reader's limit).
-            policy.end("rejected", "data", "size", TOO_BIG)
+        if self.dropping:
+            # The proxy's replies for the same message (its DATA reader's limits).
+            reply, word, reason = (
+                (TOO_BIG, "rejected", "size") if self.too_big else (NO_STORAGE, "tempfailed", "no_storage")
+            )
+            policy.end(word, "data", reason, reply)
             self._reset_message()
-            return codec.encode_replycode([TOO_BIG.render()])
+            return codec.encode_replycode([reply.render()])
         return await self._end_of_message(policy)
 
     def _negotiate(self, command: codec.OptNeg) -> bytes:
@@ -299,16 +309,31 @@ class MilterConnection:
         self.in_mail = decision.forward
         return self._answer("M", await self._decided(decision))
 
+    @property
+    def dropping(self) -> bool:
+        """Nothing more of this message is kept: it is refused at its end."""
+        return self.too_big or self.no_storage
+
     def _count(self, n: int) -> None:
+        """Count ``n`` more bytes of the message against the size limit and the in-flight budget."""
         self.size += n
+        if self.dropping:
+            return
+        if self.ticket is None:
+            self.ticket = self.app.inflight.open(0)
         if self.size > self.app.config.limits.max_message_size:
             self.too_big = True
+        elif self.ticket is None or not self.ticket.need(self.size):
+            self.no_storage = True
+        if self.dropping:
             self.fields, self.body = [], bytearray()  # nothing more is kept of it
+            if self.ticket is not None:
+                self.ticket.release()
 
     def _body(self, chunk: bytes) -> bytes:
         """Keep a chunk (nothing more past the size limit: the end of message says 552)."""
         self._count(len(chunk))
-        if not self.too_big:
+        if not self.dropping:
             self.body += chunk
             return self._answer("B", codec.CONTINUE)
         return self._answer("B", codec.SKIP if Proto.SKIP in self.protocol else codec.CONTINUE)
@@ -326,6 +351,7 @@ class MilterConnection:
         )
         message = header + b"\r\n" + bytes(self.body)
         fields = self.fields
+        ticket, self.ticket = self.ticket, None  # held until the policy is done with the message
         self._reset_message()
         started = time.perf_counter()
         task = asyncio.ensure_future(policy.data(message))
@@ -339,6 +365,8 @@ class MilterConnection:
         finally:
             if not task.done():
                 task.cancel()
+            if ticket is not None:
+                ticket.release()
             self.app.metrics.data_duration.observe(time.perf_counter() - started)
         if delivery.message is None:
             assert delivery.reply is not None

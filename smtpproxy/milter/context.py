@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from smtpproxy.config import Config
+from smtpproxy.inflight import InflightBudget
 from smtpproxy.logs import EventLog
 from smtpproxy.metrics import Metrics
 from smtpproxy.policy import Policy
@@ -21,4 +22,5 @@ class MilterContext(Protocol):
     metrics: Metrics
     logs: EventLog
     milter_policy: Policy
+    inflight: InflightBudget
     draining: bool
