@@ -31,6 +31,8 @@ from smtpproxy.httpserver import MetricsServer
 from smtpproxy.inflight import InflightBudget, default_budget
 from smtpproxy.logs import EventLog, flush_logs
 from smtpproxy.metrics import Metrics
+from smtpproxy.milter.nobackend import NoBackend
+from smtpproxy.milter.server import MilterServer
 from smtpproxy.pipeline import Pipeline
 from smtpproxy.policy import Policy
 from smtpproxy.ratelimit.check import build_ratelimit_checks, build_ratelimiter
@@ -62,7 +64,10 @@ class App:
             cache_size=config.dns.cache_size,
             metrics=self.metrics,
         )
-        self.backend = make_backend(config.backend, config, self.metrics)
+        # Milter only (listen: null): the MTA keeps the mail, nothing is relayed.
+        self.backend: Backend = (
+            NoBackend() if config.listen is None else make_backend(config.backend, config, self.metrics)
+        )
         self._quarantine_backends: dict[str, Backend] = {}
         self.tls_context = (
             make_tls_context(
@@ -89,6 +94,18 @@ class App:
         self.policy = Policy(
             self.pipeline, self.session_limits, self.metrics, self.logs, config.hostname, self.forged_ar
         )
+        # The same checks for the milter; only the mode in logs and metrics differs.
+        self.milter_policy = Policy(
+            self.pipeline,
+            self.session_limits,
+            self.metrics,
+            self.logs,
+            config.hostname,
+            self.forged_ar,
+            "milter",
+        )
+        milter_address = config.milter.address
+        self.milter = MilterServer(self, milter_address) if milter_address is not None else None
         self.connections: set[InboundSMTP] = set()
         self.inflight = InflightBudget(
             config.limits.max_inflight_bytes or default_budget(), self.metrics.inflight_bytes
@@ -217,7 +234,8 @@ class App:
         Without DNS every message would get 451 4.4.3 (SPF/DMARC temperror): not
         ready. The DNS outcome is cached five seconds, the backend's one.
         """
-        if self._server is None or not self._server.is_serving():
+        smtp_up = self._server is not None and self._server.is_serving()
+        if not smtp_up and not (self.milter is not None and self.milter.serving):
             return "not listening"
         dns_problem = await self.dns_readiness.problem()
         if dns_problem is not None:
@@ -232,15 +250,20 @@ class App:
         """Bind the SMTP and metrics ports and start serving."""
         loop = asyncio.get_running_loop()
         addr = self.config.listen_address
-        self._server = await loop.create_server(
-            lambda: InboundSMTP(self),
-            host=addr.host,
-            port=addr.port,
-            family=socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC,
-            reuse_address=True,
-            reuse_port=self.worker,
-            backlog=1024,
-        )
+        if addr is not None:
+            self._server = await loop.create_server(
+                lambda: InboundSMTP(self),
+                host=addr.host,
+                port=addr.port,
+                family=socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC,
+                reuse_address=True,
+                reuse_port=self.worker,
+                backlog=1024,
+            )
+            self.metrics.mode_info.labels("proxy").set(1)
+        if self.milter is not None:
+            await self.milter.start()
+            self.metrics.mode_info.labels("milter").set(1)
         self._ready_cache = (0.0, None)
         maddr = None if self.worker else self.config.metrics_address
         if maddr is not None:
@@ -265,9 +288,10 @@ class App:
             "listening",
             extra={
                 "fields": {
-                    "listen": str(HostPort(*self.listen_port_address)),
+                    "listen": str(HostPort(*self.listen_port_address)) if self._server else None,
+                    "milter": self.milter.bound if self.milter is not None else None,
                     "metrics": metrics,
-                    "backend": config.backend,
+                    "backend": config.backend if config.listen is not None else None,  # milter only: none
                     "relay_domains": len(config.relay_domains),
                     "relay_networks": len(config.relay_networks),
                     "rules": len(self.rules.current),
@@ -327,6 +351,7 @@ class App:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        milter_drained = asyncio.ensure_future(self.milter.stop(grace)) if self.milter is not None else None
         for conn in list(self.connections):
             conn.close_if_idle()
         deadline = time.monotonic() + grace
@@ -337,6 +362,8 @@ class App:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
+        if milter_drained is not None:
+            await milter_drained
         await asyncio.sleep(0)
         if self._housekeeping is not None:
             self._housekeeping.cancel()

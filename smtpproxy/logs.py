@@ -213,8 +213,9 @@ class EventLog:
         reason: str,
         reply: Reply | None,
         rcpts: list[tuple[str, str, tuple[str, ...]]],
+        mode: str = "proxy",
     ) -> None:
-        """The one line per transaction (``rcpts``: address, reply, parameters of each RCPT)."""
+        """The one line per transaction (``rcpts``: address, reply, parameters of each RCPT; ``mode``: proxy or milter)."""
         results: dict[str, Any] = {}
         for name, value in txn.results.items():
             results[name] = [r.result for r in value] if isinstance(value, list) else value.result
@@ -243,5 +244,6 @@ class EventLog:
             "rules": txn.matched_rules,
             "results": results,
             "duration": round(time.monotonic() - txn.started, 4),
+            "mode": mode,
         }
         self._emit(self.txn_log, "transaction", fields)

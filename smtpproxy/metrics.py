@@ -92,6 +92,38 @@ class Metrics:
             ["action", "stage", "reason"],
             registry=r,
         )
+        # A new family rather than a label on smtpproxy_messages: existing series
+        # and dashboards keep their names; this one splits the same count by mode.
+        self.messages_by_mode = Counter(
+            "smtpproxy_messages_by_mode",
+            "Transactions ended, by mode (proxy: SMTP in front of the MTA; milter: inside it) and final action.",
+            ["mode", "action"],
+            registry=r,
+        )
+        self.mode_info = Gauge(
+            "smtpproxy_mode_info",
+            "1 for each mode this instance serves (proxy, milter).",
+            ["mode"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.milter_connections = Counter(
+            "smtpproxy_milter_connections",
+            "MTA connections to the milter listener, counted at close.",
+            registry=r,
+        )
+        self.milter_connections_active = Gauge(
+            "smtpproxy_milter_connections_active",
+            "MTA connections to the milter listener currently open.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.milter_protocol_errors = Counter(
+            "smtpproxy_milter_protocol_errors",
+            "Milter connections closed for a bad packet, by kind (malformed, oversized, out_of_order, unknown).",
+            ["kind"],
+            registry=r,
+        )
         self.recipients = Counter(
             "smtpproxy_recipients",
             "RCPT TO commands by outcome (accepted, rejected, tempfailed).",

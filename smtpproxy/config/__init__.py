@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from smtpproxy.config.auth import ArcConfig, DkimConfig, DmarcConfig, SpfConfig
 from smtpproxy.config.base import DEFAULT_MAILDIR, MAILDIR, PACKAGED_RULES, ConfigError
+from smtpproxy.config.milter import MilterConfig
 from smtpproxy.config.model import Config
 from smtpproxy.config.paths import check_paths, resolved_settings
 from smtpproxy.config.ratelimits import ClientNetPrefix, RateLimitConfig, SessionLimitsConfig
@@ -52,6 +53,7 @@ __all__ = [
     "DnsConfig",
     "LimitsConfig",
     "LogConfig",
+    "MilterConfig",
     "ProxyProtocolConfig",
     "RateLimitConfig",
     "RulesOptionsConfig",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from smtpproxy.addresses import HostPort, parse_hostport
 from smtpproxy.config.auth import ArcConfig, DkimConfig, DmarcConfig, SpfConfig
@@ -21,6 +21,7 @@ from smtpproxy.config.base import (
     PositiveFloat,
     Section,
 )
+from smtpproxy.config.milter import MilterConfig
 from smtpproxy.config.ratelimits import RateLimitList, SessionLimitsConfig, valid_store
 from smtpproxy.config.sections import (
     BackendOptions,
@@ -37,7 +38,8 @@ from smtpproxy.config.sections import (
 class Config(Section):
     """The whole configuration of one proxy instance."""
 
-    listen: str = "127.0.0.1:2525"
+    # null: no SMTP listener (milter mode only, with milter.listen).
+    listen: str | None = "127.0.0.1:2525"
     hostname: str = "localhost"
     backend: str = DEFAULT_MAILDIR
     backend_options: BackendOptions = BackendOptions()
@@ -79,14 +81,26 @@ class Config(Section):
     ratelimit_memory_max_keys: Annotated[int, Field(ge=1024)] = 1_000_000
     ratelimit_concurrency_ttl: Annotated[float, Field(ge=10)] = 900.0
     session_limits: SessionLimitsConfig = SessionLimitsConfig()
+    # The same policy served to an MTA over the milter protocol (smtpproxy.milter).
+    milter: MilterConfig = MilterConfig()
     # Resolved location of the config file's folder; not a key users write.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     @field_validator("listen")
     @classmethod
-    def _valid_listen(cls, value: str) -> str:
-        parse_hostport(value)
+    def _valid_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_hostport(value)
         return value
+
+    @model_validator(mode="after")
+    def _serves_something(self) -> Config:
+        if self.listen is None and self.milter.listen is None:
+            raise ValueError("listen: expected host:port, or null only with milter.listen set, got null")
+        if self.milter.listen is not None and self.workers > 1:
+            # The supervisor shares one SMTP port between processes; not the milter's.
+            raise ValueError(f"milter.listen: expected workers: 1 with a milter, got workers: {self.workers}")
+        return self
 
     @field_validator("metrics")
     @classmethod
@@ -120,9 +134,9 @@ class Config(Section):
         raise ValueError("expected smtp://host:port, smtps://host:port or maildir:PATH")
 
     @property
-    def listen_address(self) -> HostPort:
-        """``listen`` parsed."""
-        return parse_hostport(self.listen)
+    def listen_address(self) -> HostPort | None:
+        """``listen`` parsed; None without an SMTP listener (milter only)."""
+        return None if self.listen is None else parse_hostport(self.listen)
 
     @property
     def metrics_address(self) -> HostPort | None:

@@ -48,7 +48,7 @@ def check_paths(config: Config, *, default_maildir: bool = False) -> list[str]:
                 f"got {str(config.rules)!r} ({what}: {folder})"
             )
     problems += _tls_problems(config)
-    if not default_maildir:
+    if not default_maildir and config.listen is not None:  # milter only (listen: null): no backend
         problems += _maildir_problems("backend", config.backend, config)
     if config.scores.quarantine_to is not None:
         problems += _maildir_problems("scores.quarantine_to", config.scores.quarantine_to, config)

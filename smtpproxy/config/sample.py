@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from smtpproxy.config.base import Section
 
 MEANINGS: dict[str, str] = {
-    "listen": "host:port to accept SMTP on ([::1]:25 for IPv6)",
+    "listen": "host:port to accept SMTP on ([::1]:25 for IPv6); null: no SMTP listener (milter only)",
     "hostname": "our name: banner, Received, Authentication-Results authserv-id",
     "backend": "smtp://host:port, smtps://host:port or maildir:PATH (unset: ./var/mail of the working folder)",
     "backend_options": "how to talk to the backend",
@@ -100,6 +100,8 @@ MEANINGS: dict[str, str] = {
     "ratelimit_exempt": "CIDRs no rate limit applies to",
     "ratelimit_memory_max_keys": "keys the memory store keeps",
     "ratelimit_concurrency_ttl": "seconds a concurrency slot lives without its owner",
+    "milter": "the same policy as a milter inside the MTA (Postfix smtpd_milters)",
+    "milter.listen": "host:port or unix:/path (mode 0660) to serve the milter on; null: no milter",
     "session_limits": "per-connection limits (null: unlimited); 421 and close",
     "session_limits.max_transactions": "MAIL commands per connection",
     "session_limits.max_invalid_commands": "unknown or malformed commands",

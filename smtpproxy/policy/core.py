@@ -107,6 +107,12 @@ def _short(reply: Reply) -> str:
     return f"{reply.code} {reply.enhanced}".strip()
 
 
+# What a driver whose MTA is itself the backend reports as the backend's answer:
+# the milter (the MTA asks us only about what it accepted) and the offline tools.
+MTA_MAIL_OK = Reply(250, "2.1.0", "Ok")
+MTA_RCPT_OK = Reply(250, "2.1.5", "Ok")
+
+
 def result_word(reply: Reply) -> str:
     """The log and metric word for a transaction the backend (or a quarantine) answered."""
     return "delivered" if reply.is_positive else "tempfailed" if reply.is_transient else "rejected"
@@ -123,7 +129,9 @@ class Policy:
         logs: EventLog,
         hostname: str,
         forged_ar: Callable[[bytes], bool],
+        mode: str = "proxy",
     ) -> None:
+        self.mode = mode  # proxy or milter: in every transaction's log line and in messages_by_mode
         self.pipeline = pipeline
         self.session_limits = session_limits
         self.metrics = metrics
@@ -243,6 +251,20 @@ class SessionPolicy:
         self._rcpt_outcome = outcome if outcome.action is not Action.CONTINUE else None
         return Decision(needs=frozenset({dsn.DSN})) if wants_dsn else FORWARD
 
+    async def mail_here(self, sender: str, params: tuple[str, ...]) -> Decision:
+        """MAIL when the MTA asking is the backend (milter, offline): decided and answered at once."""
+        decision = await self.mail(sender, params)
+        if decision.forward:
+            self.mail_answered(MTA_MAIL_OK)
+        return decision
+
+    async def rcpt_here(self, address: str, params: tuple[str, ...]) -> Decision:
+        """RCPT when the MTA asking is the backend: ``rcpt`` and ``rcpt_answered`` with its acceptance."""
+        decision = await self.rcpt(address, params)
+        if decision.forward:
+            decision = self.rcpt_answered(address, params, MTA_RCPT_OK)
+        return decision
+
     def rcpt_answered(self, address: str, params: tuple[str, ...], reply: Reply) -> Decision:
         """The backend's reply to a forwarded RCPT.
 
@@ -344,7 +366,10 @@ class SessionPolicy:
             return
         self.last = txn
         self.policy.metrics.messages.labels(word, stage, reason).inc()
-        self.policy.logs.transaction(self.session, txn, word, stage, reason, reply, self.rcpt_log)
+        self.policy.metrics.messages_by_mode.labels(self.policy.mode, word).inc()
+        self.policy.logs.transaction(
+            self.session, txn, word, stage, reason, reply, self.rcpt_log, mode=self.policy.mode
+        )
         self.rcpt_log = []
 
     # -- helpers ------------------------------------------------------------------
@@ -368,4 +393,7 @@ class SessionPolicy:
         txn.mail_reply = _short(reply)
         word = "tempfailed" if reply.is_transient else "rejected"
         self.policy.metrics.messages.labels(word, "mail", reason).inc()
-        self.policy.logs.transaction(self.session, txn, word, "mail", reason, reply, [])
+        self.policy.metrics.messages_by_mode.labels(self.policy.mode, word).inc()
+        self.policy.logs.transaction(
+            self.session, txn, word, "mail", reason, reply, [], mode=self.policy.mode
+        )

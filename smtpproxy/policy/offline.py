@@ -17,9 +17,6 @@ from smtpproxy.rules.sessionstate import session_matches
 from smtpproxy.session import Transaction
 from smtpproxy.verdict import Action, HeaderEdit, HeaderEditKind, Reply
 
-BACKEND_MAIL_OK = Reply(250, "2.1.0", "Ok")
-BACKEND_RCPT_OK = Reply(250, "2.1.5", "Ok")
-
 
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
@@ -67,16 +64,13 @@ async def _run(
     decision = await policy.helo(helo, esmtp=True)
     if not decision.forward:
         return _refusal(decision, "helo")
-    decision = await policy.mail(mail_from, ())
+    decision = await policy.mail_here(mail_from, ())
     if not decision.forward:
         return _refusal(decision, "mail")
-    policy.mail_answered(BACKEND_MAIL_OK)
     recipients: list[RecipientResult] = []
     last_refusal: OfflineResult | None = None
     for address in rcpts:
-        decision = await policy.rcpt(address, ())
-        if decision.forward:
-            decision = policy.rcpt_answered(address, (), BACKEND_RCPT_OK)
+        decision = await policy.rcpt_here(address, ())
         if decision.forward:
             recipients.append(RecipientResult(address))
             continue
