@@ -129,7 +129,7 @@ class App:
         checks: list[Check] = [*build_ratelimit_checks(self.config, self.metrics, self.limiter)]
         checks += [
             RelayCheck(self.config.relay_domains, self.config.relay_networks),
-            LimitsCheck(self.config.limits),
+            LimitsCheck(self.config.limits, self.config.max_messages_per_connection),
         ]
         checks += build_auth_checks(self.config, self.resolver, self.metrics)
         checks.append(self.rules.check)
@@ -304,6 +304,8 @@ class App:
         if not config.relay_domains:
             also = " except from relay_networks" if config.relay_networks else ""
             log.warning("relay_domains is empty: every recipient will be refused with 550 5.7.1%s", also)
+        for note in self.config.spelling_notes:
+            log.warning("%s", note)
 
     @property
     def listen_port_address(self) -> tuple[str, int]:

@@ -103,11 +103,13 @@ class LimitsCheck(Check):
     timed = False
     protective = True
 
-    def __init__(self, limits: LimitsConfig) -> None:
+    def __init__(self, limits: LimitsConfig, max_messages: int | None = None) -> None:
         self.limits = limits
+        # Config.max_messages_per_connection: the one setting, whichever spelling set it.
+        self.max_messages = max_messages if max_messages is not None else limits.max_messages_per_connection
 
     async def mail(self, session: Session, txn: Transaction) -> CheckOutcome:
-        if session.transactions >= self.limits.max_messages_per_connection:
+        if session.transactions >= self.max_messages:
             if self.limits.messages_per_connection_action == "tempfail":
                 return Verdict(
                     Action.TEMPFAIL,

@@ -75,15 +75,30 @@ def test_unknown_error_kind_is_a_programming_error() -> None:
         limits.on_command_error(s, "oops")
 
 
-def test_max_transactions_at_mail() -> None:
-    limits, metrics, s = make(max_transactions=2)
-    assert limits.on_transaction(s) is None
-    s.transactions = 2  # the server counts MAIL commands it accepted
-    closing(limits.on_transaction(s), "421 4.7.0 Too many transactions, closing")
-    assert hits(metrics, "max_transactions") == 1
-    unlimited, _, s2 = make()
-    s2.transactions = 10_000
-    assert unlimited.on_transaction(s2) is None
+async def test_max_transactions_is_an_older_spelling_of_max_messages_per_connection() -> None:
+    """One setting per limit: the old key still limits MAIL commands, through the one check, and says so."""
+    import ipaddress
+
+    from smtpproxy.config import build_config
+    from smtpproxy.core_checks import LimitsCheck
+    from smtpproxy.session import Session, Transaction
+
+    config = build_config({"session_limits": {"max_transactions": 2}})
+    assert config.max_messages_per_connection == 2
+    assert config.spelling_notes and "limits.max_messages_per_connection" in config.spelling_notes[0]
+    check = LimitsCheck(config.limits, config.max_messages_per_connection)
+    s = Session("S", ipaddress.ip_address("192.0.2.1"), 1, "127.0.0.1", 25)
+    assert await check.mail(s, Transaction("T", "a@b.example")) is None
+    s.transactions = 2  # the policy counts the MAIL commands the backend accepted
+    verdict = await check.mail(s, Transaction("T", "a@b.example"))
+    assert verdict is not None and verdict.disconnect
+    assert str(verdict.reply) == "421 4.7.0 Too many messages in this connection, closing"
+    # Both set: the lower wins; neither: the documented default, and nothing to say.
+    both = build_config(
+        {"session_limits": {"max_transactions": 50}, "limits": {"max_messages_per_connection": 7}}
+    )
+    assert both.max_messages_per_connection == 7
+    assert build_config({}).max_messages_per_connection == 100 and build_config({}).spelling_notes == []
 
 
 def test_max_duration() -> None:

@@ -134,6 +134,27 @@ class Config(Section):
         raise ValueError("expected smtp://host:port, smtps://host:port or maildir:PATH")
 
     @property
+    def max_messages_per_connection(self) -> int:
+        """The one messages-per-connection limit.
+
+        ``session_limits.max_transactions`` is an older spelling of
+        ``limits.max_messages_per_connection``: when both are set the lower wins.
+        """
+        old = self.session_limits.max_transactions
+        limit = self.limits.max_messages_per_connection
+        return limit if old is None else min(limit, old)
+
+    @property
+    def spelling_notes(self) -> list[str]:
+        """Keys written in an older spelling, to say so at start."""
+        if self.session_limits.max_transactions is None:
+            return []
+        return [
+            "session_limits.max_transactions is an older spelling of limits.max_messages_per_connection "
+            f"(in force: {self.max_messages_per_connection})"
+        ]
+
+    @property
     def listen_address(self) -> HostPort | None:
         """``listen`` parsed; None without an SMTP listener (milter only)."""
         return None if self.listen is None else parse_hostport(self.listen)

@@ -194,9 +194,7 @@ class SessionPolicy:
             return Decision(refusal, reason="dsn")
         txn = Transaction(new_id(), sender, params)
         limits = self.policy.session_limits
-        limited = limits.on_transaction(self.session) or limits.duration_exceeded(
-            self.session, time.monotonic()
-        )
+        limited = limits.duration_exceeded(self.session, time.monotonic())
         if limited is not None and limited.reply is not None:
             return Decision(limited.reply, disconnect=True, reason=limited.reasons[0])
         outcome = await self.policy.pipeline.run(Stage.MAIL, self.session, txn)

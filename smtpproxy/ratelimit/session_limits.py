@@ -8,7 +8,6 @@ closed (``Verdict.disconnect``), counted in
 ======================== ===================================================== ==========
 limit                    counts                                                reply
 ======================== ===================================================== ==========
-max_transactions         MAIL commands accepted (``session.transactions``)      421 4.7.0
 max_invalid_commands     unknown/malformed commands (kinds invalid_command,     421 4.7.0
                          syntax)
 max_rejected_recipients  RCPTs refused (kind rejected_rcpt): dictionary attacks 421 4.7.0
@@ -72,16 +71,6 @@ class SessionLimits:
                 return self._hit("max_rejected_recipients", "4.7.0", "Too many rejected recipients, closing")
         if c.max_errors is not None and session.errors > c.max_errors:
             return self._hit("max_errors", "4.7.0", "Too many errors, closing")
-        return None
-
-    def on_transaction(self, session: Session) -> Verdict | None:
-        """At MAIL, before accepting it: 421 when ``max_transactions`` were already accepted.
-
-        Reads ``session.transactions`` (the server counts accepted MAIL commands).
-        """
-        limit = self.config.max_transactions
-        if limit is not None and session.transactions >= limit:
-            return self._hit("max_transactions", "4.7.0", "Too many transactions, closing")
         return None
 
     def on_junk_command(self, session: Session) -> Verdict | None:
