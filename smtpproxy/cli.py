@@ -1,4 +1,4 @@
-"""Command line: ``smtpproxy serve | config | check | init | rules check|test|path | quarantine ...``.
+"""Command line: ``smtpproxy serve | config | check | init | rules check|test|path | quarantine ... | dkim keygen``.
 
 Exit codes: 0 success, 1 a test or check failed, 2 the configuration or rules
 are invalid (the message names the file, key or line).
@@ -41,6 +41,7 @@ class _Version(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     """The argparse definitions: the CLI, and the source of the man page and the bash completion."""
     from smtpproxy.quarantinecmd import add_parser as add_quarantine
+    from smtpproxy.submission.keygencmd import add_parser as add_dkim
 
     parser = argparse.ArgumentParser(prog="smtpproxy", description="Inbound SMTP filtering proxy.")
     parser.add_argument(
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     path = rules_sub.add_parser("path", help="print the rules folder in use (the packaged one by default)")
     path.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
     add_quarantine(sub)
+    add_dkim(sub)
     return parser
 
 
@@ -89,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
         return _init(Path(args.dir))
+    if args.command == "dkim":
+        from smtpproxy.submission.keygencmd import run as run_dkim
+
+        return run_dkim(args)
     try:
         config = load_config(args.config)
     except ConfigError as err:

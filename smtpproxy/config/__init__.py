@@ -11,7 +11,7 @@ folder, TLS file or maildir parent stops the start instead of switching
 something off.
 
 The top-level ``Config`` lives here; its sections by area in ``sections``
-(serving), ``auth`` (SPF, DKIM, ARC, DMARC) and ``ratelimits``; ``base`` has
+(serving), ``auth`` (SPF, DKIM, ARC, DMARC), ``ratelimits`` and ``submission``; ``base`` has
 the error type and the section base class.
 """
 
@@ -45,6 +45,7 @@ from smtpproxy.config.sections import (
     ScoresConfig,
     TlsConfig,
 )
+from smtpproxy.config.submission import DkimSignKey, SubmissionConfig
 
 __all__ = [
     "PACKAGED_RULES",
@@ -54,6 +55,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DkimConfig",
+    "DkimSignKey",
     "DmarcConfig",
     "DnsConfig",
     "LimitsConfig",
@@ -64,6 +66,7 @@ __all__ = [
     "ScoresConfig",
     "SessionLimitsConfig",
     "SpfConfig",
+    "SubmissionConfig",
     "TlsConfig",
     "build_config",
     "load_config",
@@ -116,6 +119,10 @@ class Config(Section):
     ratelimit_memory_max_keys: Annotated[int, Field(ge=1024)] = 1_000_000
     ratelimit_concurrency_ttl: Annotated[float, Field(ge=10)] = 900.0
     session_limits: SessionLimitsConfig = SessionLimitsConfig()
+    # Submission (RFC 6409): off unless the section is written.
+    submission: SubmissionConfig | None = None
+    # Outbound DKIM signing keys; used for authenticated submission only.
+    dkim_sign: list[DkimSignKey] = []
     # Resolved location of the config file's folder; not a key users write.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
