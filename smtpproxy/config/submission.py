@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from smtpproxy.addresses import parse_hostport
-from smtpproxy.config.base import PositiveFloat, PositiveInt, Section
+from smtpproxy.config.base import PositiveFloat, Section
 
 # RFC 6376 §3.1: a selector is one or more dot-separated sub-domain labels.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -59,8 +59,9 @@ class PasswdAuth(Section):
 class BruteForceConfig(Section):
     """Failed AUTH: counted per client IP and per user name; past a limit, 421 4.7.0 and close."""
 
-    max_failures_per_ip: PositiveInt = 10
-    max_failures_per_user: PositiveInt = 10
+    # At least 2: the guard asks "is the bucket full" without counting (see submission.bruteforce).
+    max_failures_per_ip: Annotated[int, Field(ge=2)] = 10
+    max_failures_per_user: Annotated[int, Field(ge=2)] = 10
     period: PositiveFloat = 3600.0  # the failures are counted over this many seconds
     tarpit: Annotated[float, Field(ge=0, le=30)] = 1.0  # seconds before each failure's reply
 
