@@ -38,6 +38,7 @@ from smtpproxy.rules.engine import RulesEngine, build_rules_engine
 from smtpproxy.server import InboundSMTP
 from smtpproxy.session import Session, Transaction
 from smtpproxy.stages import Check
+from smtpproxy.submission.build import build_submission
 from smtpproxy.tls import certificate_expiry, make_tls_context
 from smtpproxy.verdict import Reply
 
@@ -92,8 +93,16 @@ class App:
         self.pipeline = Pipeline(
             self.checks, self.metrics, timeout=config.check_timeout, on_error=config.on_check_error
         )
+        # Raises PasswdError, SenderLoginError or SignerError naming the file: the CLI exits 2.
+        self.submission = build_submission(config, self.checks, self.limiter, self.metrics)
         self.policy = Policy(
-            self.pipeline, self.session_limits, self.metrics, self.logs, config.hostname, self.forged_ar
+            self.pipeline,
+            self.session_limits,
+            self.metrics,
+            self.logs,
+            config.hostname,
+            self.forged_ar,
+            submission=self.submission,
         )
         self.connections: set[InboundSMTP] = set()
         self.draining = False
@@ -174,8 +183,10 @@ class App:
         self.spawn(lookup())
 
     def reload(self) -> None:
-        """SIGHUP: reload what can change without a restart (rules, TLS certificate)."""
+        """SIGHUP: reload what can change without a restart (rules, TLS certificate, submission files)."""
         self.rules.reload()
+        if self.submission is not None:
+            self.submission.reload()
         if (
             self.tls_context is not None
             and self.config.tls.cert is not None

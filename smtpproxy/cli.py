@@ -210,12 +210,19 @@ def tune_gc() -> None:
 async def _serve(config: Config) -> int:
     from smtpproxy.app import App
     from smtpproxy.rules.loader import RulesError
+    from smtpproxy.submission.dkimsign import SignerError
+    from smtpproxy.submission.passwd import PasswdError
+    from smtpproxy.submission.senderlogin import SenderLoginError
     from smtpproxy.workers import is_worker
 
     try:
         app = App(config, worker=is_worker())
     except RulesError as err:
         print(f"error: invalid rules in {config.rules_path}:\n{err.render()}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (SignerError, PasswdError, SenderLoginError) as err:
+        # passwd_file, sender_login or a DKIM key: the message names the file (never its content).
+        print(f"error: invalid submission setup: {err}", file=sys.stderr)
         return EXIT_CONFIG
     # Handlers before the start: a SIGTERM while binding (right after the
     # "listening" line, say) still drains and exits 0 instead of killing us.

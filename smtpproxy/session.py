@@ -74,6 +74,11 @@ class Session:
     # The check or rule whose ACCEPT (at connect or HELO) ended filtering for
     # the whole connection; protection still applies (see Check.protective).
     accepted_by: str | None = None
+    # Submission (RFC 6409): the connection came in on a submission listener;
+    # the user name and SASL mechanism once AUTH succeeded (never a password).
+    submission: bool = False
+    auth_user: str | None = None
+    auth_mechanism: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # per-check connection state
     _address: tuple[IPAddress, str] | None = field(default=None, init=False, repr=False, compare=False)
 

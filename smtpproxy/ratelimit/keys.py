@@ -12,7 +12,11 @@ sender            mail       MAIL FROM address, lower-cased; ``<>`` if null
 sender_domain     mail       its domain, lower-cased; ``<>`` if null
 recipient         rcpt       the RCPT TO address, lower-cased (rcpt only)
 recipient_domain  rcpt       its domain, lower-cased (rcpt only)
+auth_user         mail       the authenticated (AUTH) user, lower-cased
 ================= ========== ===========================================
+
+A limit whose key has ``auth_user`` counts authenticated sessions only (per
+user on the submission port); unauthenticated ones pass it.
 
 A combined key (``key: [client_ip, sender_domain]``) counts each distinct pair
 separately. The key text is ``<limit name>:<values joined by |>``; values
@@ -42,6 +46,7 @@ KEY_KINDS: dict[str, str] = {
     "sender_domain": "mail",
     "recipient": "rcpt",
     "recipient_domain": "rcpt",
+    "auth_user": "mail",
 }
 # Kinds only known at one stage (one recipient at a time).
 RCPT_ONLY = frozenset({"recipient", "recipient_domain"})
@@ -123,6 +128,10 @@ def _value(
         if not txn.mail_from:
             return "<>"
         return txn.mail_from.lower() if kind == "sender" else txn.sender_domain
+    if kind == "auth_user":
+        if session.auth_user is None:
+            raise ValueError("key auth_user needs an authenticated session")
+        return session.auth_user.lower()
     if kind in RCPT_ONLY:
         if rcpt is None:
             raise ValueError(f"key {kind} needs a recipient")

@@ -178,6 +178,8 @@ class RateLimiter:
         for lim, key_of, interval in plan:
             if lim.exempt and self._exempt(lim.exempt, session):
                 continue
+            if session.auth_user is None and "auth_user" in lim.spec.kinds:
+                continue  # a per-user limit: nobody to count
             key = key_of(session, txn, rcpt)
             if lim.concurrency is None:
                 entries.append(RateEntry(key, interval, lim.burst))
