@@ -242,7 +242,7 @@ async def main() -> None:
         "dns": {"reverse_lookup": False, "nameservers": [dns.address]},
         "rules": str(ROOT / "smtpproxy" / "data" / "rules") if args.checks == "all" else None,
         "log": {"level": "info"},
-        "limits": {"max_connections": 5000},
+        "limits": {"max_connections": 5000, "max_connections_per_ip": None},  # all load is from 127.0.0.1
         **(CORE_ONLY if args.checks == "core" else {}),
         **json.loads(args.config_extra),
     }

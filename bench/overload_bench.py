@@ -63,7 +63,11 @@ async def main() -> None:
             "backend": f"smtp://127.0.0.1:{sink_port}",
             "relay_domains": ["example.org"],
             "dns": {"nameservers": [dns.address], "reverse_lookup": False},
-            "limits": {"max_connections": args.idle + 500, "idle_timeout": 300},
+            "limits": {
+                "max_connections": args.idle + 500,
+                "idle_timeout": 300,
+                "max_connections_per_ip": None,  # all load is from 127.0.0.1
+            },
             "log": {"level": "warning"},
         },
     ).start()

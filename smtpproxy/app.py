@@ -28,6 +28,7 @@ from smtpproxy.config import Config
 from smtpproxy.core_checks import LimitsCheck, RelayCheck
 from smtpproxy.dns import DnsReadiness, Resolver
 from smtpproxy.httpserver import MetricsServer
+from smtpproxy.inflight import InflightBudget, default_budget
 from smtpproxy.logs import EventLog, flush_logs
 from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
@@ -105,6 +106,9 @@ class App:
             submission=self.submission,
         )
         self.connections: set[InboundSMTP] = set()
+        self.inflight = InflightBudget(
+            config.limits.max_inflight_bytes or default_budget(), self.metrics.inflight_bytes
+        )
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.base_events.Server | None = None

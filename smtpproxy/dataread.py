@@ -8,14 +8,16 @@ line lengths and the size limit on whole chunks with C-speed byte operations.
 The semantics are aiosmtpd's: the content ends at ``<CR><LF>.<CR><LF>`` (or a
 ``.<CR><LF>`` first line), lines end with CRLF (a bare LF is part of a line),
 the leading dot of every line that starts with one is removed (RFC 5321
-§4.5.2), and when the message is too large or a line too long the rest is still
-read and discarded so the reply comes after the final dot.
+§4.5.2), and when the message is too large, a line too long or a NUL byte
+present (BINARYMIME is not offered) the rest is still read and discarded so the
+reply comes after the final dot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 TERMINATOR_TAIL = b".\r\n"
@@ -26,6 +28,8 @@ class DataProblem(enum.Enum):
 
     TOO_BIG = "too_big"
     LINE_TOO_LONG = "line_too_long"
+    NUL_BYTE = "nul_byte"
+    NO_STORAGE = "no_storage"  # the budget of message bytes in flight is spent
 
 
 @dataclass(slots=True)
@@ -66,9 +70,17 @@ class _Lines:
         return first > self.max_line or middle > self.max_line or self.current > self.max_line
 
 
-async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None, max_line: int) -> DataResult:
+async def read_data(
+    reader: asyncio.StreamReader,
+    *,
+    size_limit: int | None,
+    max_line: int,
+    charge: Callable[[int], bool] | None = None,
+) -> DataResult:
     """Read up to and including the end-of-data marker; ``max_line`` counts the CRLF.
 
+    ``charge(size)`` is asked after every chunk whether ``size`` bytes so far
+    may be held (the in-flight budget); False makes the problem NO_STORAGE.
     Raises ``asyncio.IncompleteReadError`` when the stream ends first.
     """
     chunks: list[bytes] = []
@@ -92,11 +104,11 @@ async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None, max
                 if before:
                     size, last2 = _account(chunks, before, size, last2)
                     if problem is None:
-                        problem = _check(lines, before, size, size_limit)
+                        problem = _check(lines, before, size, size_limit, charge)
                 break
         size, last2 = _account(chunks, chunk, size, last2)
         if problem is None:
-            problem = _check(lines, chunk, size, size_limit)
+            problem = _check(lines, chunk, size, size_limit, charge)
         if problem is not None:
             chunks.clear()  # keep reading to the final dot, but hold nothing
     if problem is not None:
@@ -109,9 +121,15 @@ def _account(chunks: list[bytes], chunk: bytes, size: int, last2: bytes) -> tupl
     return size + len(chunk), (last2 + chunk)[-2:]
 
 
-def _check(lines: _Lines, chunk: bytes, size: int, size_limit: int | None) -> DataProblem | None:
+def _check(
+    lines: _Lines, chunk: bytes, size: int, size_limit: int | None, charge: Callable[[int], bool] | None
+) -> DataProblem | None:
     if size_limit and size > size_limit:
         return DataProblem.TOO_BIG
+    if charge is not None and not charge(size):
+        return DataProblem.NO_STORAGE
     if lines.too_long(chunk):
         return DataProblem.LINE_TOO_LONG
+    if b"\x00" in chunk:
+        return DataProblem.NUL_BYTE
     return None

@@ -172,8 +172,11 @@ class ConnectionHandler:
         if self.txn is None or btx is None:
             return replies.NEED_MAIL.render()
         started = time.perf_counter()
+        message = bytes(envelope.original_content)
+        # The transaction holds the message from here on: not the envelope too.
+        envelope.content = envelope.original_content = None
         try:
-            reply = await self._deliver(bytes(envelope.original_content), btx)
+            reply = await self._deliver(message, btx)
         finally:
             self.app.metrics.data_duration.observe(time.perf_counter() - started)
         if self.app.draining:

@@ -88,6 +88,14 @@ def received_header(
     return _fold("Received", parts)
 
 
+def split_header_block(message: bytes) -> bytes:
+    """The header block including its CRLFs (``split_header``'s first part, without copying the rest)."""
+    if message.startswith(b"\r\n"):
+        return b""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 2]
+
+
 def split_header(message: bytes) -> tuple[bytes, bytes]:
     """Split into (header block including its CRLFs, rest starting at the blank line)."""
     if message.startswith(b"\r\n"):
@@ -98,14 +106,23 @@ def split_header(message: bytes) -> tuple[bytes, bytes]:
     return message[: end + 2], message[end + 2 :]
 
 
+# Where a field ends: a line end (CRLF, CR or LF, as ``bytes.splitlines`` splits
+# lines) not followed by a continuation line (SP or HT). Found in C, and the
+# fields sliced once each: growing a field line by line (``field += line``) was
+# quadratic, and one folded field of 1.6 MB held the event loop for 20 s.
+_FIELD_END = re.compile(rb"\r\n(?![ \t])|\r(?![\n \t])|\n(?![ \t])")
+
+
 def _fields(header: bytes) -> list[bytes]:
-    """Header fields, each with its continuation lines and final CRLF."""
+    """Header fields, each with its continuation lines and final CRLF (linear in the header size)."""
     fields: list[bytes] = []
-    for line in header.splitlines(keepends=True):
-        if fields and line[:1] in (b" ", b"\t"):
-            fields[-1] += line
-        else:
-            fields.append(line)
+    start = 0
+    for match in _FIELD_END.finditer(header):
+        end = match.end()
+        fields.append(header[start:end])
+        start = end
+    if start < len(header):
+        fields.append(header[start:])
     return fields
 
 
@@ -116,7 +133,7 @@ def header_values(message: bytes, name: str) -> list[str]:
     with the email package costs far more.
     """
     wanted = name.lower().encode()
-    header, _ = split_header(message)
+    header = split_header_block(message)
     if wanted not in header.lower():
         return []
     out = []
@@ -165,7 +182,7 @@ def apply_edits(
     edits = list(edits)
     if not edits and drop is None:
         return prepend + message
-    header, rest = split_header(message)
+    header = split_header_block(message)
     fields = _fields(header)
     removals = {e.name.lower() for e in edits if e.kind is HeaderEditKind.REMOVE}
     if removals or drop is not None:
@@ -176,7 +193,10 @@ def apply_edits(
         if not any(field_name(f) == "subject" for f in fields):
             fields.append(format_field("Subject", " ".join(tags)))
     added = [format_field(e.name, e.value) for e in edits if e.kind is HeaderEditKind.ADD]
-    return prepend + b"".join(added) + b"".join(fields) + rest
+    # One join over a view of the body: the message is copied once, not once
+    # per "+" (and the body not sliced out first): 24 MB messages in flight
+    # each held four copies at the peak.
+    return b"".join([prepend, *added, *fields, memoryview(message)[len(header) :]])
 
 
 def _tag_subject(field: bytes, tags: list[str]) -> bytes:

@@ -66,6 +66,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.inflight_bytes = Gauge(
+            "smtpproxy_inflight_bytes",
+            "Message bytes held in memory by transactions in progress (budget: limits.max_inflight_bytes).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.connection_duration = Histogram(
             "smtpproxy_connection_duration_seconds",
             "Duration of client connections.",

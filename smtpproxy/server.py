@@ -13,6 +13,7 @@ import collections
 import ipaddress
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.proxy_protocol import ProxyData
@@ -20,6 +21,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail, syntax
 
 from smtpproxy.dataread import DataProblem, read_data
 from smtpproxy.handler import ConnectionHandler
+from smtpproxy.inflight import Ticket
 from smtpproxy.replies import ERROR_KINDS, INTERNAL_ERROR, with_enhanced_code
 from smtpproxy.session import Session, TlsInfo, new_id
 from smtpproxy.tls import handshake_failure_reason
@@ -34,6 +36,58 @@ _SIMPLE_PATH = re.compile(
     r"(?:\.[A-Za-z0-9\-\u0080-\U0010ffff]+)*)>(.*)$",
     re.DOTALL,
 )
+
+# Replies held back while more pipelined commands wait are sent at the latest
+# at this size (RFC 2920 §3.1 lets a server buffer replies until it would block).
+_HELD_REPLIES_MAX = 16384
+# Final replies never held back: the TLS handshake and the end of the session
+# follow them at once.
+_NEVER_HELD = (b"220", b"221")
+
+
+class _FlushingReader(asyncio.StreamReader):
+    """A StreamReader that sends the replies held back before it waits for the client.
+
+    It reads ``_buffer`` (StreamReader's own bytearray, as aiosmtpd does at
+    STARTTLS) to know whether a read can be answered without waiting;
+    test_server_internals pins that attribute.
+    """
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        super().__init__(loop=loop, limit=limit)
+        self.before_wait: Callable[[], None] | None = None
+
+    def has_line(self) -> bool:
+        """True when a complete command line is already buffered."""
+        return b"\n" in self._buffer  # type: ignore[attr-defined]
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
+        if self.before_wait is not None and separator not in self._buffer:  # type: ignore[attr-defined]
+            self.before_wait()
+        return await super().readuntil(separator)
+
+    async def readexactly(self, n: int) -> bytes:
+        if self.before_wait is not None and len(self._buffer) < n:  # type: ignore[attr-defined]
+            self.before_wait()
+        return await super().readexactly(n)
+
+    async def read(self, n: int = -1) -> bytes:
+        if self.before_wait is not None and not self._buffer:  # type: ignore[attr-defined]
+            self.before_wait()
+        return await super().read(n)
+
+
+NO_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
+
+
+def declared_size(mail_options: list[str], limit: int | None) -> int:
+    """The SIZE= the client declared at MAIL (RFC 1870), at most ``limit``; 0 when none."""
+    for option in mail_options:
+        if option[:5].upper() == "SIZE=" and option[5:].isdigit():
+            size = int(option[5:])
+            return min(size, limit) if limit else size
+    return 0
+
 
 _HOOKS = ("PROXY", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT", "STARTTLS")
 
@@ -52,11 +106,11 @@ class InboundSMTP(SMTP):
         self.line_length_limit = cfg.limits.max_line_length + 2
         self.session_facts: Session | None = None
         self.conn: ConnectionHandler | None = None
+        self._held: list[bytes] = []  # replies not written yet (see push)
+        reader = _FlushingReader(loop=loop, limit=self.line_length_limit)
+        reader.before_wait = self._write_held
         asyncio.StreamReaderProtocol.__init__(
-            self,
-            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected,
-            loop=loop,
+            self, reader, client_connected_cb=self._cb_client_connected, loop=loop
         )
         handler = _HandlerShim(self)
         self.__ident__ = "ESMTP smtpproxy"
@@ -113,7 +167,19 @@ class InboundSMTP(SMTP):
             self.app.metrics.connections_rejected.labels("max_connections").inc()
             return
         super().connection_made(transport)
+        assert self._handler_coroutine is not None
+        self._handler_coroutine.add_done_callback(self._handler_done)
         self.app.logs.connection_open(self.session_facts)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        # aiosmtpd's eof_received cancels the command task and keeps the socket
+        # half-open, trusting the task to close it; a task cancelled before it
+        # ran, or while awaiting the connect stage or a PROXY header, never does,
+        # and the connection would sit in CLOSE-WAIT, counted, until the idle
+        # timeout. Whenever the task ends, the session is over: close now.
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
 
     def _after_starttls(self, transport: asyncio.BaseTransport) -> None:
         assert self.session_facts is not None
@@ -129,6 +195,9 @@ class InboundSMTP(SMTP):
         facts = self.session_facts
         if facts is None:
             return  # refused before it started
+        self._held.clear()
+        if isinstance(self._reader, _FlushingReader):
+            self._reader.before_wait = None  # no reference cycle reader -> protocol left
         super().connection_lost(error)
         self.session_facts = None
         self.app.release(self)
@@ -192,15 +261,52 @@ class InboundSMTP(SMTP):
     # -- replies ------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
+        """Send one reply line; lines of a multi-line reply and replies to pipelined commands go out together.
+
+        aiosmtpd writes (one send() and one TCP segment) per line: seven for
+        EHLO, which also confuses scanners that read the reply once. A
+        continuation line is held until its final line; a positive final
+        reply is held while more pipelined commands are already buffered
+        (RFC 2920 §3.1), and everything held goes out before the server waits
+        for the client (``_FlushingReader``). Errors and the replies that
+        precede TLS or a close are sent at once.
+        """
         if isinstance(status, str):
             status = with_enhanced_code(status)
             kind = ERROR_KINDS.get(status[:3])
             if kind is not None and self.conn is not None:
                 self.app.metrics.protocol_errors.labels(kind).inc()
                 status = await self.conn.count_error(kind) or status
-        await super().push(status)
-        if self.conn is not None and self.conn.close_after_reply and self.transport is not None:
+            status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        line: bytes = status + b"\r\n"
+        self._held.append(line)
+        closing = self.conn is not None and self.conn.close_after_reply
+        if not closing and self._may_hold(line):
+            return
+        self._write_held()
+        if closing and self.transport is not None:
             self.transport.close()
+            return
+        await self._writer.drain()
+
+    def _may_hold(self, line: bytes) -> bool:
+        if line[3:4] == b"-":
+            return True  # a multi-line reply goes out with its last line
+        if line[:1] not in (b"2", b"3") or line[:3] in _NEVER_HELD:
+            return False
+        held = sum(map(len, self._held))
+        return (
+            held < _HELD_REPLIES_MAX and isinstance(self._reader, _FlushingReader) and self._reader.has_line()
+        )
+
+    def _write_held(self) -> None:
+        """Write the held replies in one write."""
+        if not self._held:
+            return
+        data = b"".join(self._held)
+        self._held.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(data)
 
     async def handle_exception(self, error: Exception) -> str:
         """An unexpected exception of ours: 451 4.3.0, logged with the ids."""
@@ -262,14 +368,39 @@ class InboundSMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        ticket = self.app.inflight.open(declared_size(self.envelope.mail_options, self.data_size_limit))
+        if ticket is None:
+            await self.push(NO_STORAGE)
+            return
+        try:
+            await self._data(ticket)
+        finally:
+            # However DATA ended (client gone too), the bytes are no longer
+            # held, except by a delivery still under way (shielded from the
+            # client leaving): that one gives them back when it is done.
+            task = self.conn.data_task if self.conn is not None else None
+            if task is not None and not task.done():
+                task.add_done_callback(lambda _: ticket.release())
+            else:
+                ticket.release()
+
+    async def _data(self, ticket: Ticket) -> None:
+        assert self.envelope is not None
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
             result = await read_data(
-                self._reader, size_limit=self.data_size_limit, max_line=self.line_length_limit
+                self._reader,
+                size_limit=self.data_size_limit,
+                max_line=self.line_length_limit,
+                charge=ticket.need,
             )
         except (asyncio.CancelledError, asyncio.IncompleteReadError, ConnectionError):
             self._writer.close()
             raise asyncio.CancelledError from None
+        if result.problem is DataProblem.NO_STORAGE:
+            await self.push(NO_STORAGE)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
         if result.problem is DataProblem.TOO_BIG:
             await self.push("552 5.3.4 Error: Too much mail data")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -278,8 +409,16 @@ class InboundSMTP(SMTP):
             await self.push("500 5.5.2 Line too long (see RFC5321 4.5.3.1.6)")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
-        self.envelope.content = result.content
-        self.envelope.original_content = result.content
+        if result.problem is DataProblem.NUL_BYTE:
+            # BINARYMIME is not offered: a NUL has no place in the content, and a
+            # backend that strips NULs could read "\r\n\0.\r\n" as the end of data.
+            await self.push("554 5.6.0 Message contains NUL characters")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = self.envelope.original_content = result.content
+        # The handler takes the content from the envelope and lets it go once
+        # the message it delivers is built: no reference may stay here.
+        del result
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
@@ -288,7 +427,67 @@ class InboundSMTP(SMTP):
         """We are an MX: no submission, no AUTH."""
         await self.push("502 5.5.1 AUTH not supported")
 
+    # -- junk commands (session_limits.max_junk_commands) ---------------------
+
+    async def _junk_limit_hit(self) -> bool:
+        """Count a command that moves no mail on; True when the session was closed for it."""
+        if self.conn is None or self.session_facts is None:
+            return False
+        verdict = self.app.session_limits.on_junk_command(self.session_facts)
+        if verdict is None or verdict.reply is None:
+            return False
+        self.conn.close_after_reply = True
+        await self.push(verdict.reply.render())
+        return True
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._junk_limit_hit():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._junk_limit_hit():
+            await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not await self._junk_limit_hit():
+            await super().smtp_VRFY(arg)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        if not await self._junk_limit_hit():
+            await super().smtp_EXPN(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._junk_limit_hit():
+            await super().smtp_HELP(arg)
+
+    def _greeted(self) -> bool:
+        return self.session_facts is not None and self.session_facts.helo is not None
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        # A repeated greeting is junk; the first one after STARTTLS is not
+        # (the TLS upgrade forgets the HELO name).
+        if self._greeted() and await self._junk_limit_hit():
+            return
+        await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if self._greeted() and await self._junk_limit_hit():
+            return
+        await super().smtp_EHLO(hostname)
+
+    # -- STARTTLS ---------------------------------------------------------------
+
     async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # RFC 3207 §4.2: not again inside TLS (aiosmtpd would nest a second TLS layer).
+            await self.push("503 5.5.1 Already running TLS")
+            return
         if self.conn is not None and self.conn.txn is not None:
             await self.push("503 5.5.1 STARTTLS not allowed inside a transaction")
             return

@@ -74,6 +74,7 @@ class Session:
     # The check or rule whose ACCEPT (at connect or HELO) ended filtering for
     # the whole connection; protection still applies (see Check.protective).
     accepted_by: str | None = None
+    junk_commands: int = 0  # NOOP, RSET, VRFY, EXPN, HELP, repeated HELO since the last delivery
     # Submission (RFC 6409): the connection came in on a submission listener;
     # the user name and SASL mechanism once AUTH succeeded (never a password).
     submission: bool = False

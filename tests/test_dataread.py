@@ -13,7 +13,7 @@ from smtpproxy.dataread import DataProblem, read_data
 def reference(stream: bytes, size_limit: int | None, max_line: int) -> tuple[bytes, set[DataProblem], bytes]:
     """aiosmtpd's semantics, one CRLF-terminated line at a time: (content, problems, leftover).
 
-    When a message is both too big and has a too long line, either reply is right.
+    When a message has more than one problem (too big, a too long line, a NUL), any of their replies is right.
     """
     lines: list[bytes] = []
     pos = 0
@@ -30,6 +30,8 @@ def reference(stream: bytes, size_limit: int | None, max_line: int) -> tuple[byt
             problems.add(DataProblem.TOO_BIG)
         if len(line) > max_line:
             problems.add(DataProblem.LINE_TOO_LONG)
+        if b"\x00" in line:
+            problems.add(DataProblem.NUL_BYTE)
         lines.append(line[1:] if line.startswith(b".") else line)
     content = b"" if problems else b"".join(lines)
     return content, problems, stream[pos:]
@@ -50,7 +52,7 @@ async def run(stream: bytes, chunk: int, size_limit: int | None, max_line: int, 
     return result.content, result.problem, bytes(leftover)
 
 
-line_parts = st.sampled_from([b"a", b"b" * 30, b".", b"..", b"\n", b"\r", b" ", b"x.", b"\xc3\xa9"])
+line_parts = st.sampled_from([b"a", b"b" * 30, b".", b"..", b"\n", b"\r", b" ", b"x.", b"\xc3\xa9", b"\x00"])
 lines = st.lists(line_parts, max_size=6).map(b"".join).map(lambda s: s.replace(b"\r", b"") + b"\r\n")
 messages = st.lists(lines, max_size=12).map(b"".join)
 
@@ -89,3 +91,9 @@ def test_oversized_message_is_read_to_the_end_and_refused() -> None:
     body = (b"z" * 70 + b"\r\n") * 100
     got = asyncio.run(run(body + b".\r\nNOOP\r\n", 16, 1000, 1000))
     assert got == (b"", DataProblem.TOO_BIG, b"NOOP\r\n")
+
+
+def test_nul_byte_is_refused_after_the_final_dot() -> None:
+    # "\r\n\0.\r\n": the end of data for a backend that strips NULs.
+    got = asyncio.run(run(b"Subject: a\r\n\r\none\r\n\x00.\r\ntwo\r\n.\r\nNOOP\r\n", 3, None, 1000))
+    assert got == (b"", DataProblem.NUL_BYTE, b"NOOP\r\n")

@@ -13,7 +13,9 @@ IDLE = 2000
 async def test_2000_idle_and_trickling_connections_while_senders_get_service(
     backend: RecordingBackend, start_proxy
 ) -> None:
-    proxy = await start_proxy({"limits": {"max_connections": IDLE + 100, "idle_timeout": 60}})
+    proxy = await start_proxy(
+        {"limits": {"max_connections": IDLE + 100, "idle_timeout": 60, "max_connections_per_ip": None}}
+    )
     held: list[asyncio.StreamWriter] = []
     try:
         for i in range(IDLE):

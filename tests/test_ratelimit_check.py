@@ -32,6 +32,8 @@ def session(ip: str = "192.0.2.10", helo: str = "client.example") -> Session:
 def make(
     limits: list[dict[str, Any]], **extra: Any
 ) -> tuple[RateLimitCheck, Metrics, FakeClock, MemoryStore]:
+    # The default per-address connection cap is a limit too: off unless a test asks for it.
+    extra.setdefault("limits", {"max_connections_per_ip": None})
     config = build_config({"ratelimits": limits, **extra})
     metrics = Metrics(process=False)
     clock = FakeClock()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from smtpproxy.app import App
 from smtpproxy.config import build_config
-from smtpproxy.server import _SIMPLE_PATH, InboundSMTP
+from smtpproxy.server import _SIMPLE_PATH, InboundSMTP, _FlushingReader
 
 
 async def test_inbound_smtp_sets_every_attribute_aiosmtpd_init_sets(tmp_path) -> None:
@@ -46,3 +46,17 @@ def test_fast_address_path_agrees_with_aiosmtpd_parser(local: str, domain: str, 
         assert reference._getaddr(arg) == ours
     finally:
         loop.close()
+
+
+async def test_stream_reader_keeps_its_buffer_where_the_flushing_reader_reads_it() -> None:
+    """_FlushingReader reads StreamReader._buffer (as aiosmtpd does): a change must fail here."""
+    reader = _FlushingReader(loop=asyncio.get_running_loop(), limit=100)
+    assert isinstance(reader._buffer, bytearray)  # type: ignore[attr-defined]
+    reader.feed_data(b"NOOP\r\nNO")
+    assert reader.has_line()
+    flushed: list[int] = []
+    reader.before_wait = lambda: flushed.append(1)
+    assert await reader.readuntil(b"\r\n") == b"NOOP\r\n" and not flushed  # answered from the buffer
+    reader.feed_eof()
+    assert await reader.read(2) == b"NO" and not flushed
+    assert await reader.read(2) == b"" and flushed  # would wait: held replies go first

@@ -69,30 +69,37 @@ def parse_message(message: bytes) -> tuple[list[Header], bytes]:
 
     dkimpy splits the whole message into lines and joins the body back; when
     every line ends in CRLF the body is simply the bytes after the blank line.
+    Continuation lines are collected and joined once per field: dkimpy's
+    ``value += line`` is quadratic in a field's length (one folded field of a
+    few MB held the event loop for seconds).
     """
     if message.count(b"\n") != message.count(b"\r\n"):
-        fields, raw_body = dkim.rfc822_parse(message)  # bare LF: dkimpy rewrites the lines
-        return [(name, value) for name, value in fields], raw_body
-    end = message.find(b"\r\n\r\n")
-    if message.startswith(b"\r\n"):
-        lines, body = [], message[2:]
-    elif end >= 0:
-        lines, body = message[:end].split(b"\r\n"), message[end + 4 :]
+        # A bare LF: dkimpy takes CRLF or LF as the line end and rewrites the body with CRLF.
+        lines = _LINE_BREAK.split(message)
+        end = lines.index(b"") if b"" in lines else len(lines)
+        body = b"\r\n".join(lines[end + 1 :])
+        del lines[end:]
     else:
-        lines, body = message.split(b"\r\n"), b""
-    headers: list[list[bytes]] = []
+        end = message.find(b"\r\n\r\n")
+        if message.startswith(b"\r\n"):
+            lines, body = [], message[2:]
+        elif end >= 0:
+            lines, body = message[:end].split(b"\r\n"), message[end + 4 :]
+        else:
+            lines, body = message.split(b"\r\n"), b""
+    headers: list[tuple[bytes, list[bytes]]] = []
     for line in lines:
         if not line:
             break  # only the last line of a message without a body can be empty here
         if line[0] in (0x09, 0x20):
-            headers[-1][1] += line + b"\r\n"  # IndexError on a leading continuation, as in dkimpy
+            headers[-1][1].append(line)  # IndexError on a leading continuation, as in dkimpy
             continue
         match = _FIELD_NAME.match(line)
         if match is not None:
-            headers.append([match.group(1), line[match.end() :] + b"\r\n"])
+            headers.append((match.group(1), [line[match.end() :]]))
         elif not line.startswith(b"From "):
             raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
-    return [(name, value) for name, value in headers], body
+    return [(name, b"\r\n".join(parts) + b"\r\n") for name, parts in headers], body
 
 
 class Body:

@@ -33,7 +33,7 @@ from smtpproxy.backend import (
     ClientFacts,
 )
 from smtpproxy.backend.forward import client_attributes, ehlo_name
-from smtpproxy.backend.wire import IdentityRefused, StartTlsFailed, TlsRequired, failure, wire_content
+from smtpproxy.backend.wire import IdentityRefused, StartTlsFailed, TlsRequired, failure, wire_parts
 from smtpproxy.config import BackendOptions
 from smtpproxy.metrics import Metrics
 from smtpproxy.verdict import Reply
@@ -144,7 +144,8 @@ class SmtpTransaction:
             self.state = "data"  # from here on, the connection's state is unknown until the reply
             protocol = client.protocol
             assert protocol is not None
-            protocol.write(wire_content(message))
+            for part in wire_parts(message):
+                protocol.write(part)
             response = await protocol.read_response(timeout=opts.data_timeout)
         except (SMTPException, OSError, ValueError, AssertionError) as err:
             return self._broke("data", err)

@@ -61,6 +61,25 @@ def failure(err: BaseException) -> tuple[str, Reply]:
     return "protocol", GARBLED
 
 
+def wire_parts(message: bytes) -> tuple[bytes, bytes]:
+    """``wire_content`` as (content, final dot), written one after the other.
+
+    For the common message that needs no change the content is the message
+    itself: no copy of it just to append the final dot.
+    """
+    crlf = message.count(b"\r\n")
+    if (
+        message.count(b"\n") == crlf
+        and message.count(b"\r") == crlf
+        and not message.startswith(b".")
+        and b"\n." not in message
+        and (not message or message.endswith(b"\r\n"))
+    ):
+        return message, b".\r\n"
+    content = wire_content(message)
+    return content[:-3], b".\r\n"
+
+
 def wire_content(message: bytes) -> bytes:
     """The message as sent after DATA: CRLF line ends, dot-stuffed, with the final dot.
 

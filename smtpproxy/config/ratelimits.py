@@ -126,6 +126,9 @@ class SessionLimitsConfig(Section):
     max_rejected_recipients: RCPTs refused (a dictionary attack; 421 4.7.0).
     max_errors: every error above plus any other error reply (421 4.7.0).
     max_duration: seconds since connect (421 4.4.2).
+    max_junk_commands: NOOP, RSET, VRFY, EXPN, HELP and repeated HELO/EHLO
+    (Postfix's smtpd_junk_command_limit; 421 4.7.0); the count starts again
+    when a message is delivered.
     tarpit_delay: seconds to wait before answering, per error so far (0: off),
     growing linearly with the errors up to tarpit_max.
     """
@@ -135,5 +138,6 @@ class SessionLimitsConfig(Section):
     max_rejected_recipients: PositiveInt | None = 20
     max_errors: PositiveInt | None = 50
     max_duration: PositiveFloat | None = 3600.0
+    max_junk_commands: PositiveInt | None = 100
     tarpit_delay: Annotated[float, Field(ge=0, le=60)] = 0.0
     tarpit_max: Annotated[float, Field(ge=0, le=300)] = 10.0

@@ -21,6 +21,18 @@ class LimitsConfig(Section):
     max_messages_per_connection: PositiveInt = 100
     idle_timeout: PositiveFloat = 300.0
     max_connections: PositiveInt = 1000
+    # Connections at once from one client address (the PROXY header's when one
+    # is used): 421 4.7.0 at connect past it. 50 is Postfix's
+    # smtpd_client_connection_count_limit: a Postfix sender opens at most 20 at
+    # once to one destination (default_destination_concurrency_limit), which
+    # leaves room for a few senders behind one NAT address, while one address
+    # can hold at most 5% of the default max_connections. Built on the
+    # ratelimits concurrency mechanism (and its store); null or 0 turns it off.
+    max_connections_per_ip: Annotated[int, Field(ge=0)] | None = 50
+    # Message bytes in flight, all connections together: past it DATA gets
+    # 452 4.3.1 (see smtpproxy.inflight). null: an eighth of physical memory,
+    # at least 256 MB.
+    max_inflight_bytes: PositiveInt | None = None
     max_line_length: Annotated[int, Field(ge=1001, le=1_048_576)] = 8192
     # What happens to the transaction after max_messages_per_connection:
     # "disconnect" answers 421 4.7.0 and closes, "tempfail" answers 450 4.7.1.

@@ -44,6 +44,7 @@ from smtpproxy.pipeline import Pipeline
 from smtpproxy.policy.combine import combine
 from smtpproxy.policy.submission import Submission
 from smtpproxy.ratelimit.session_limits import SessionLimits
+from smtpproxy.rules.facts import drop_content_facts
 from smtpproxy.session import Recipient, Session, Transaction, new_id
 from smtpproxy.stages import Stage
 from smtpproxy.verdict import Action, HeaderEdit, Reply, StageOutcome
@@ -274,6 +275,7 @@ class SessionPolicy:
             if mismatch is not None:
                 return Delivery(Action.REJECT, "sender_login", mismatch)
         outcome = await self.pipeline.run(Stage.DATA, self.session, txn)
+        drop_content_facts(txn)  # what the rules decoded of the content: no check reads it any more
         final = combine(
             outcome, self._mail_outcome, self._rcpt_outcomes, txn.accepted_by or self.session.accepted_by
         )
@@ -292,6 +294,8 @@ class SessionPolicy:
         content = apply_edits(message, final.header_edits, prepend=trace, drop=self.policy.forged_ar)
         if self.submission is not None:
             content = await self.submission.sign(self.session, content)
+        # What goes out replaces what came in: one copy is held while it is sent.
+        txn.message = content
         if action is Action.QUARANTINE:
             return Delivery(
                 action, reason or "quarantine", None, content, final.quarantine_to, header_edits=edits
@@ -309,6 +313,8 @@ class SessionPolicy:
         elif client_gone:
             self.end(result_word(reply), "data", "client_lost_before_reply", reply)
         elif reply.is_positive:
+            # As Postfix does: junk commands are counted again from a delivery on.
+            self.session.junk_commands = 0
             word = "quarantined" if delivery.action is Action.QUARANTINE else "delivered"
             self.end(word, "data", delivery.reason, reply)
         else:

@@ -90,6 +90,29 @@ def limit_from_config(item: RateLimitConfig) -> Limit:
     )
 
 
+PER_IP = "max_connections_per_ip"
+
+
+def per_ip_limit(config: Config) -> Limit | None:
+    """``limits.max_connections_per_ip`` as a concurrency limit on the client address (None: off).
+
+    The default per-address cap is one more concurrency limit of the limiter,
+    not a second counting mechanism: the same store, slot release at
+    disconnect, ``ratelimit_exempt`` and ``smtpproxy_ratelimit_hits``.
+    """
+    count = config.limits.max_connections_per_ip
+    if not count:
+        return None
+    return Limit(
+        name=PER_IP,
+        spec=KeySpec(("client_ip",)),
+        stage=Stage.CONNECT,
+        concurrency=count,
+        text="Too many connections from your address, try again later",
+        reason=PER_IP,
+    )
+
+
 def build_store(config: Config) -> Store:
     """The store ``ratelimit_store`` names: memory (per process) or Redis (shared)."""
     if config.ratelimit_store == "memory":
@@ -99,8 +122,12 @@ def build_store(config: Config) -> Store:
 
 def build_ratelimiter(config: Config, metrics: Metrics, store: Store | None = None) -> RateLimiter:
     """The limiter of ``config`` (also usable without configured limits, for rules' ``hit``)."""
+    limits = [limit_from_config(item) for item in config.ratelimits]
+    per_ip = per_ip_limit(config)
+    if per_ip is not None:
+        limits.append(per_ip)
     return RateLimiter(
-        [limit_from_config(item) for item in config.ratelimits],
+        limits,
         store if store is not None else build_store(config),
         metrics,
         fail=config.ratelimit_fail,

@@ -55,16 +55,20 @@ class Limit:
     burst: int = 1
     concurrency: int | None = None
     exempt: tuple[Network, ...] = ()
+    text: str | None = None  # the reply text, when not the generic one below
+    reason: str = "ratelimit"  # the verdict's first reason: the stage's decided_by
 
 
 def refused_verdict(stage: Stage, limit: Limit) -> Verdict:
     """The reply for a request refused by ``limit`` at ``stage``."""
-    if limit.concurrency is not None:
+    if limit.text is not None:
+        text = limit.text
+    elif limit.concurrency is not None:
         text = f"Too many connections ({limit.name}), try again later"
     else:
         text = f"Rate limit {limit.name} exceeded, try again later"
     reply = Reply(421, "4.7.0", text) if stage in _EARLY else Reply(450, "4.7.1", text)
-    return Verdict(Action.TEMPFAIL, reply, reasons=("ratelimit", limit.name), disconnect=stage in _EARLY)
+    return Verdict(Action.TEMPFAIL, reply, reasons=(limit.reason, limit.name), disconnect=stage in _EARLY)
 
 
 def unavailable_verdict(stage: Stage) -> Verdict:

@@ -14,6 +14,8 @@ max_invalid_commands     unknown/malformed commands (kinds invalid_command,     
 max_rejected_recipients  RCPTs refused (kind rejected_rcpt): dictionary attacks 421 4.7.0
 max_errors               every error reported, whatever its kind                421 4.7.0
 max_duration             seconds since the connection opened                   421 4.4.2
+max_junk_commands        NOOP, RSET, VRFY, EXPN, HELP, repeated HELO/EHLO      421 4.7.0
+                         (``session.junk_commands``; reset by a delivery)
 ======================== ===================================================== ==========
 
 Tarpit: after errors, the server waits ``tarpit_delay * errors`` seconds
@@ -80,6 +82,19 @@ class SessionLimits:
         limit = self.config.max_transactions
         if limit is not None and session.transactions >= limit:
             return self._hit("max_transactions", "4.7.0", "Too many transactions, closing")
+        return None
+
+    def on_junk_command(self, session: Session) -> Verdict | None:
+        """Count a command that moves no mail on; 421 when ``max_junk_commands`` are passed.
+
+        Postfix's ``smtpd_junk_command_limit``: without it a client can keep a
+        slot (and our CPU) busy forever with NOOPs. The server resets
+        ``session.junk_commands`` when a message is delivered.
+        """
+        session.junk_commands += 1
+        limit = self.config.max_junk_commands
+        if limit is not None and session.junk_commands > limit:
+            return self._hit("max_junk_commands", "4.7.0", "Too many junk commands, closing")
         return None
 
     def duration_exceeded(self, session: Session, now: float) -> Verdict | None:

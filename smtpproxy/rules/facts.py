@@ -37,6 +37,18 @@ def _cached(txn: Transaction | None, key: str, compute: Callable[[Transaction], 
     return found  # type: ignore[no-any-return]
 
 
+# The facts as big as the content (decoded parts, their text): the server
+# drops them once the DATA checks have run, so a message on its way to the
+# backend is not held twice more.
+CONTENT_FACTS = ("rules_body", "rules_body_text", "rules_urls")
+
+
+def drop_content_facts(txn: Transaction) -> None:
+    """Forget the content-sized facts (the end-of-DATA rules have run)."""
+    for key in CONTENT_FACTS:
+        txn.extras.pop(key, None)
+
+
 def header_fields(txn: Transaction | None) -> list[Field]:
     """Raw (name, value) header fields, in order."""
     return _cached(txn, "rules_raw_headers", lambda t: raw_header_fields(t.message), [])
