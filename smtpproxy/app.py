@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from smtpproxy import __version__
-from smtpproxy.addresses import HostPort
+from smtpproxy.addresses import HostPort, parse_hostport
 from smtpproxy.auth.authresults import forged_filter
 from smtpproxy.auth.checks import build_auth_checks
 from smtpproxy.backend import Backend, BackendTransaction, ClientFacts
@@ -112,6 +112,7 @@ class App:
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.base_events.Server | None = None
+        self._submission_servers: dict[str, asyncio.base_events.Server] = {}  # "listen", "listen_tls"
         self._metrics_server: MetricsServer | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -268,6 +269,7 @@ class App:
             reuse_port=self.worker,
             backlog=1024,
         )
+        await self._start_submission(loop)
         self._ready_cache = (0.0, None)
         maddr = None if self.worker else self.config.metrics_address
         if maddr is not None:
@@ -281,6 +283,32 @@ class App:
         if interval > 0:
             self._watcher = loop.create_task(self.rules.watch(interval))
         self._log_what_is_in_force()
+
+    async def _start_submission(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The submission listeners: ``listen`` (STARTTLS before AUTH) and ``listen_tls`` (RFC 8314)."""
+        section = self.config.submission
+        if section is None:
+            return
+        for key, value in (("listen", section.listen), ("listen_tls", section.listen_tls)):
+            if value is None:
+                continue
+            addr = parse_hostport(value)
+            implicit = key == "listen_tls"
+            self._submission_servers[key] = await loop.create_server(
+                lambda implicit=implicit: InboundSMTP(self, submission=True, implicit_tls=implicit),
+                host=addr.host,
+                port=addr.port,
+                family=socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC,
+                reuse_address=True,
+                reuse_port=self.worker,
+                backlog=1024,
+                ssl=self.tls_context if implicit else None,
+            )
+
+    def submission_address(self, key: str = "listen") -> tuple[str, int]:
+        """The bound (host, port) of the submission listener ``listen`` or ``listen_tls``."""
+        name = self._submission_servers[key].sockets[0].getsockname()
+        return str(name[0]), int(name[1])
 
     def _log_what_is_in_force(self) -> None:
         """One line at start with what protects this instance, and a warning when nothing relays."""
@@ -354,6 +382,8 @@ class App:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        for server in self._submission_servers.values():
+            server.close()
         for conn in list(self.connections):
             if conn.conn is not None and conn.conn.txn is None and not conn.conn.busy:
                 await _say_goodbye(conn)

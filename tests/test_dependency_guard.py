@@ -51,6 +51,14 @@ PINNED = [
         "3a33f30d3fd6d02f",
     ),  # server.InboundSMTP replaces it (chunked DATA reader)
     ("aiosmtpd.smtp:SMTP.smtp_STARTTLS", "6565289f4131fa13"),  # server.InboundSMTP wraps it
+    (
+        "aiosmtpd.smtp:SMTP.smtp_AUTH",
+        "79078b308377ac48",
+    ),  # server.InboundSMTP wraps it: checks _auth_methods names, then calls handle_AUTH
+    (
+        "aiosmtpd.smtp:SMTP.smtp_MAIL",
+        "80dd938e7791acfb",
+    ),  # server.InboundSMTP wraps it (takes out AUTH=, which it would refuse with 555)
     ("aiosmtpd.smtp:SMTP.push", "15f4f1de5e30c337"),  # server.InboundSMTP overrides it
     ("aiosmtpd.smtp:SMTP.connection_made", "77a45df5065bba34"),  # server.InboundSMTP overrides it
     ("aiosmtpd.smtp:SMTP.connection_lost", "d3bf6349bc3c25c1"),  # server.InboundSMTP overrides it

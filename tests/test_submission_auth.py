@@ -20,6 +20,8 @@ from smtpproxy.submission import sasl
 from smtpproxy.submission.bruteforce import AuthGuard
 from smtpproxy.submission.passwd import PasswdError, PasswdFile, parse
 
+TLS = {"cert": "/nonexistent/cert.pem", "key": "/nonexistent/key.pem"}
+
 
 class FakeClock:
     def __init__(self) -> None:
@@ -140,10 +142,12 @@ def test_reload_takes_new_users_and_a_bad_file_keeps_the_old(
 
 
 def test_config_names_passwd_file() -> None:
-    config = build_config({"rules": None, "submission": {"auth": {"passwd_file": "/etc/users"}}})
+    from smtpproxy.config import Config
+
+    config = Config.model_validate({"submission": {"auth": {"passwd_file": "/etc/users"}}, "tls": TLS})
     assert config.submission is not None
     assert config.submission.auth != "backend"
-    assert build_config({"rules": None, "submission": {}}).submission.auth == "backend"  # type: ignore[union-attr]
+    assert Config.model_validate({"submission": {}, "tls": TLS}).submission.auth == "backend"  # type: ignore[union-attr]
 
 
 # -- brute force -------------------------------------------------------------------------
@@ -188,4 +192,4 @@ async def test_a_block_drains_at_the_steady_rate() -> None:
 
 def test_limits_below_two_are_refused_by_the_config() -> None:
     with pytest.raises(Exception, match="greater than or equal to 2"):
-        build_config({"rules": None, "submission": {"brute_force": {"max_failures_per_ip": 1}}})
+        build_config({"rules": None, "tls": TLS, "submission": {"brute_force": {"max_failures_per_ip": 1}}})

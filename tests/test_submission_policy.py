@@ -14,10 +14,11 @@ from typing import Any
 
 import argon2
 import pytest
+import trustme
 
 from smtpproxy.app import App
 from smtpproxy.auth.dkim import DkimVerifier
-from smtpproxy.config import build_config
+from smtpproxy.config import ConfigError, build_config
 from smtpproxy.dns import Resolver
 from smtpproxy.policy.core import SessionPolicy
 from smtpproxy.rules.fields import FIELDS, EvalContext
@@ -50,6 +51,9 @@ def dns() -> Iterator[DnsServer]:
 def make_app(tmp_path: Path, dns: DnsServer) -> Iterator[Any]:
     apps: list[App] = []
     (tmp_path / "var").mkdir()
+    cert = trustme.CA().issue_cert("mx.test.example")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     hasher = argon2.PasswordHasher()
     (tmp_path / "users").write_text(f"alice:{hasher.hash('alice pw')}\nbob:{hasher.hash('bob pw')}\n")
     (tmp_path / "senders").write_text("alice: example.org\nbob: bob@example.com\n")
@@ -69,7 +73,13 @@ def make_app(tmp_path: Path, dns: DnsServer) -> Iterator[Any]:
         }
         data = proxy_config(
             None,
-            {"submission": submission, "dkim_sign": keys, "metrics": None, **overrides},
+            {
+                "submission": submission,
+                "dkim_sign": keys,
+                "metrics": None,
+                "tls": {"cert": "cert.pem", "key": "key.pem"},
+                **overrides,
+            },
             tmp_path,
             dns=dns.address,
         )
@@ -269,6 +279,15 @@ async def test_sighup_reloads_users_and_signing_keys(make_app: Any, tmp_path: Pa
         assert [r.result for r in await DkimVerifier(resolver).verify(signed)] == ["pass", "pass"]
     finally:
         await resolver.close()
+
+
+def test_submission_without_tls_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({"rules": None, "submission": {}}, base_dir=tmp_path)
+    assert err.value.problems == [
+        "(top level): submission: expected tls.cert and tls.key to be set "
+        "(AUTH is offered only over TLS), got tls.cert: null"
+    ]
 
 
 def test_a_bad_passwd_file_stops_the_start_naming_it(make_app: Any, tmp_path: Path) -> None:

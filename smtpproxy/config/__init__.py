@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from smtpproxy.addresses import HostPort, parse_hostport
 from smtpproxy.config.auth import ArcConfig, DkimConfig, DmarcConfig, SpfConfig
@@ -125,6 +125,15 @@ class Config(Section):
     dkim_sign: list[DkimSignKey] = []
     # Resolved location of the config file's folder; not a key users write.
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _submission_needs_tls(self) -> Config:
+        # Passwords never travel in the clear: AUTH only after STARTTLS, and 465 is TLS throughout.
+        if self.submission is not None and not self.tls.enabled:
+            raise ValueError(
+                "submission: expected tls.cert and tls.key to be set (AUTH is offered only over TLS), got tls.cert: null"
+            )
+        return self
 
     @field_validator("listen")
     @classmethod
