@@ -210,6 +210,7 @@ def tune_gc() -> None:
 async def _serve(config: Config) -> int:
     from smtpproxy.app import App
     from smtpproxy.rules.loader import RulesError
+    from smtpproxy.submission.build import SubmissionSetupError
     from smtpproxy.submission.dkimsign import SignerError
     from smtpproxy.submission.passwd import PasswdError
     from smtpproxy.submission.senderlogin import SenderLoginError
@@ -220,7 +221,7 @@ async def _serve(config: Config) -> int:
     except RulesError as err:
         print(f"error: invalid rules in {config.rules_path}:\n{err.render()}", file=sys.stderr)
         return EXIT_CONFIG
-    except (SignerError, PasswdError, SenderLoginError) as err:
+    except (SignerError, PasswdError, SenderLoginError, SubmissionSetupError) as err:
         # passwd_file, sender_login or a DKIM key: the message names the file (never its content).
         print(f"error: invalid submission setup: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -28,7 +28,8 @@ from smtpproxy.verdict import Reply
 if TYPE_CHECKING:
     from smtpproxy.app import App
 
-# ``auth: backend`` (the backend verifies, on a connection of the session's own) is not built yet.
+# ``auth: backend`` is refused at start (submission.build); should a Submission without a
+# passwd file reach here all the same, AUTH fails temporarily rather than open.
 BACKEND_AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 
 

@@ -294,3 +294,8 @@ def test_a_bad_passwd_file_stops_the_start_naming_it(make_app: Any, tmp_path: Pa
     (tmp_path / "users").write_text("alice:plain\n")
     with pytest.raises(ValueError, match=r"users, line 1: expected an argon2id"):
         make_app()
+
+
+def test_auth_backend_is_refused_at_start_naming_the_key(make_app: Any) -> None:
+    with pytest.raises(ValueError, match=r"submission.auth: 'backend' is not supported by this version yet"):
+        make_app(submission={"auth": "backend"})

@@ -24,6 +24,10 @@ def outbound_checks(checks: list[Check]) -> list[Check]:
     return [c for c in checks if c.name not in inbound_only]
 
 
+class SubmissionSetupError(ValueError):
+    """A submission setup this version cannot serve; the text names the key."""
+
+
 def build_submission(
     config: Config, checks: list[Check], limiter: RateLimiter, metrics: Metrics
 ) -> Submission | None:
@@ -35,10 +39,17 @@ def build_submission(
     section = config.submission
     if section is None:
         return None
+    if section.auth == "backend":
+        # Relaying AUTH to the backend on a connection of the session's own is not built yet;
+        # refusing to start beats a submission port where every AUTH fails.
+        raise SubmissionSetupError(
+            "submission.auth: 'backend' is not supported by this version yet; "
+            "set submission.auth: {passwd_file: PATH}"
+        )
     pipeline = Pipeline(
         outbound_checks(checks), metrics, timeout=config.check_timeout, on_error=config.on_check_error
     )
-    passwd = None if section.auth == "backend" else PasswdFile(config.path(section.auth.passwd_file))
+    passwd = PasswdFile(config.path(section.auth.passwd_file))
     sender_login = SenderLogin(config.path(section.sender_login)) if section.sender_login else None
     signer = DkimSigner(config.dkim_sign, config.path) if config.dkim_sign else None
     return Submission(
