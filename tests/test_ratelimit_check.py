@@ -248,3 +248,11 @@ def test_limiter_rejects_unknown_fail_policy(bad_fail: str) -> None:
 
     with pytest.raises(ValueError, match="open or closed"):
         RateLimiter([], MemoryStore(1024), Metrics(process=False), fail=bad_fail)
+
+
+def test_an_unquoted_yaml_on_key_names_the_stage(tmp_path: Any) -> None:
+    from smtpproxy.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("rules: null\nratelimits:\n  - {name: a, key: client_ip, rate: 5/minute, on: helo}\n")
+    assert load_config(path).ratelimits[0].on == "helo"

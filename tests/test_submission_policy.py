@@ -299,3 +299,15 @@ def test_a_bad_passwd_file_stops_the_start_naming_it(make_app: Any, tmp_path: Pa
 def test_auth_backend_is_refused_at_start_naming_the_key(make_app: Any) -> None:
     with pytest.raises(ValueError, match=r"submission.auth: 'backend' is not supported by this version yet"):
         make_app(submission={"auth": "backend"})
+
+
+def test_the_readme_submission_example_is_a_valid_config() -> None:
+    import yaml
+
+    from smtpproxy.config import Config
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("## Submission", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = Config.model_validate(yaml.safe_load(block))
+    assert config.submission is not None and config.submission.listen_tls == "0.0.0.0:465"
+    assert [k.selector for k in config.dkim_sign] == ["s2026r", "s2026e"]
