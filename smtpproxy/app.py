@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from smtpproxy import __version__
-from smtpproxy.addresses import HostPort
+from smtpproxy.addresses import HostPort, parse_hostport
 from smtpproxy.auth.authresults import forged_filter
 from smtpproxy.auth.checks import build_auth_checks
 from smtpproxy.backend import Backend, ClientFacts
@@ -41,6 +41,7 @@ from smtpproxy.rules.engine import RulesEngine, build_rules_engine
 from smtpproxy.server import InboundSMTP
 from smtpproxy.session import Session, Transaction
 from smtpproxy.stages import Check
+from smtpproxy.submission.build import build_submission
 from smtpproxy.tls import certificate_expiry, make_tls_context
 from smtpproxy.verdict import Reply
 
@@ -91,8 +92,16 @@ class App:
         self.pipeline = Pipeline(
             self.checks, self.metrics, timeout=config.check_timeout, on_error=config.on_check_error
         )
+        # Raises PasswdError, SenderLoginError or SignerError naming the file: the CLI exits 2.
+        self.submission = build_submission(config, self.checks, self.limiter, self.metrics)
         self.policy = Policy(
-            self.pipeline, self.session_limits, self.metrics, self.logs, config.hostname, self.forged_ar
+            self.pipeline,
+            self.session_limits,
+            self.metrics,
+            self.logs,
+            config.hostname,
+            self.forged_ar,
+            submission=self.submission,
         )
         # The same checks for the milter; only the mode in logs and metrics differs.
         self.milter_policy = Policy(
@@ -113,6 +122,7 @@ class App:
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.base_events.Server | None = None
+        self._submission_servers: dict[str, asyncio.base_events.Server] = {}  # "listen", "listen_tls"
         self._metrics_server: MetricsServer | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -188,8 +198,10 @@ class App:
         self.spawn(lookup())
 
     def reload(self) -> None:
-        """SIGHUP: reload what can change without a restart (rules, TLS certificate)."""
+        """SIGHUP: reload what can change without a restart (rules, TLS certificate, submission files)."""
         self.rules.reload()
+        if self.submission is not None:
+            self.submission.reload()
         if (
             self.tls_context is not None
             and self.config.tls.cert is not None
@@ -261,6 +273,7 @@ class App:
                 backlog=1024,
             )
             self.metrics.mode_info.labels("proxy").set(1)
+            await self._start_submission(loop)
         if self.milter is not None:
             await self.milter.start()
             self.metrics.mode_info.labels("milter").set(1)
@@ -277,6 +290,32 @@ class App:
         if interval > 0:
             self._watcher = loop.create_task(self.rules.watch(interval))
         self._log_what_is_in_force()
+
+    async def _start_submission(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The submission listeners: ``listen`` (STARTTLS before AUTH) and ``listen_tls`` (RFC 8314)."""
+        section = self.config.submission
+        if section is None:
+            return
+        for key, value in (("listen", section.listen), ("listen_tls", section.listen_tls)):
+            if value is None:
+                continue
+            addr = parse_hostport(value)
+            implicit = key == "listen_tls"
+            self._submission_servers[key] = await loop.create_server(
+                lambda implicit=implicit: InboundSMTP(self, submission=True, implicit_tls=implicit),
+                host=addr.host,
+                port=addr.port,
+                family=socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC,
+                reuse_address=True,
+                reuse_port=self.worker,
+                backlog=1024,
+                ssl=self.tls_context if implicit else None,
+            )
+
+    def submission_address(self, key: str = "listen") -> tuple[str, int]:
+        """The bound (host, port) of the submission listener ``listen`` or ``listen_tls``."""
+        name = self._submission_servers[key].sockets[0].getsockname()
+        return str(name[0]), int(name[1])
 
     def _log_what_is_in_force(self) -> None:
         """One line at start with what protects this instance, and a warning when nothing relays."""
@@ -354,6 +393,8 @@ class App:
         if self._server is not None:
             self._server.close()
         milter_drained = asyncio.ensure_future(self.milter.stop(grace)) if self.milter is not None else None
+        for server in self._submission_servers.values():
+            server.close()
         for conn in list(self.connections):
             conn.close_if_idle()
         deadline = time.monotonic() + grace

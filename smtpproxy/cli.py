@@ -1,4 +1,4 @@
-"""Command line: ``smtpproxy serve | config | check | init | rules check|test|path | quarantine ... | trace``.
+"""Command line: ``smtpproxy serve | config | check | init | rules check|test|path | quarantine ... | trace | dkim keygen``.
 
 Exit codes: 0 success, 1 a test or check failed, 2 the configuration or rules
 are invalid (the message names the file, key or line).
@@ -42,6 +42,7 @@ class _Version(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     """The argparse definitions: the CLI, and the source of the man page and the bash completion."""
     from smtpproxy.quarantinecmd import add_parser as add_quarantine
+    from smtpproxy.submission.keygencmd import add_parser as add_dkim
 
     parser = argparse.ArgumentParser(prog="smtpproxy", description="Inbound SMTP filtering proxy.")
     parser.add_argument(
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     path.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
     add_quarantine(sub)
     _add_trace(sub)
+    add_dkim(sub)
     return parser
 
 
@@ -143,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _init(Path(args.dir))
     if args.command == "trace":  # reads logs, needs no configuration
         return _trace(args)
+    if args.command == "dkim":
+        from smtpproxy.submission.keygencmd import run as run_dkim
+
+        return run_dkim(args)
     try:
         config = load_config(args.config)
     except ConfigError as err:
@@ -258,12 +264,20 @@ def tune_gc() -> None:
 async def _serve(config: Config) -> int:
     from smtpproxy.app import App
     from smtpproxy.rules.loader import RulesError
+    from smtpproxy.submission.build import SubmissionSetupError
+    from smtpproxy.submission.dkimsign import SignerError
+    from smtpproxy.submission.passwd import PasswdError
+    from smtpproxy.submission.senderlogin import SenderLoginError
     from smtpproxy.workers import is_worker
 
     try:
         app = App(config, worker=is_worker())
     except RulesError as err:
         print(f"error: invalid rules in {config.rules_path}:\n{err.render()}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (SignerError, PasswdError, SenderLoginError, SubmissionSetupError) as err:
+        # passwd_file, sender_login or a DKIM key: the message names the file (never its content).
+        print(f"error: invalid submission setup: {err}", file=sys.stderr)
         return EXIT_CONFIG
     # Handlers before the start: a SIGTERM while binding (right after the
     # "listening" line, say) still drains and exits 0 instead of killing us.

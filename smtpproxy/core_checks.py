@@ -57,7 +57,7 @@ class RelayCheck(Check):
     An entry ``example.org`` matches that domain only; ``.example.org`` matches
     its subdomains (Postfix's convention). An empty list relays nothing.
     Clients in ``relay_networks`` (Postfix's ``mynetworks``) may send to any
-    domain. Local parts that route (see ``ROUTING_CHARACTERS``) are refused for
+    domain, and so may authenticated clients (AUTH on the submission port). Local parts that route (see ``ROUTING_CHARACTERS``) are refused for
     every client and every domain (Postfix's ``allow_untrusted_routing = no``,
     applied to all: the backend trusts the proxy, so it would route them).
     """
@@ -83,6 +83,8 @@ class RelayCheck(Check):
                 Reply(550, "5.7.1", f"<{sanitize(rcpt.address, limit=200)}>: Routed addresses not accepted"),
                 reasons=("routed_address",),
             )
+        if session.auth_user is not None:
+            return None  # an authenticated submission client may send anywhere (RFC 6409)
         domain = rcpt.domain.rstrip(".")
         if (domain.startswith("[") or not domain_matches(domain, self.relay_domains)) and not (
             self.relay_networks and self.may_relay(session)

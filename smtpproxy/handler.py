@@ -14,15 +14,48 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from aiosmtpd.smtp import MISSING
+
 from smtpproxy import replies
 from smtpproxy.backend import BackendTransaction, ClientFacts
 from smtpproxy.policy import Decision, Delivery, SessionPolicy
+from smtpproxy.policy.submission import AuthOutcome
 from smtpproxy.replies import INTERNAL_ERROR, OK, SHUTTING_DOWN
 from smtpproxy.session import Session
+from smtpproxy.submission.sasl import Credentials, SaslError, decode_base64, login_field, plain
 from smtpproxy.verdict import Reply
 
 if TYPE_CHECKING:
     from smtpproxy.context import ConnectionContext
+
+# ``auth: backend`` is refused at start (submission.build); should a Submission without a
+# passwd file reach here all the same, AUTH fails temporarily rather than open.
+BACKEND_AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
+
+
+async def _credentials(server: Any, mechanism: str, initial: str | None) -> Credentials | None:
+    """The user and password of a PLAIN or LOGIN exchange; None when the client cancelled.
+
+    aiosmtpd's public ``challenge_auth`` sends the 334 challenges (and answers
+    a cancel or bad base64 itself); it never logs what the client sends.
+    """
+    if mechanism == "PLAIN":
+        if initial is not None:
+            return plain(decode_base64(initial))
+        response = await server.challenge_auth("")
+        return None if response is MISSING else plain(response)
+    if initial is not None:
+        user = login_field(decode_base64(initial))
+    else:
+        response = await server.challenge_auth("Username:")
+        if response is MISSING:
+            return None
+        user = login_field(response)
+    password = await server.challenge_auth("Password:")
+    if password is MISSING:
+        return None
+    return Credentials(user, login_field(password))
+
 
 log = logging.getLogger("smtpproxy.handler")
 
@@ -39,6 +72,7 @@ class ConnectionHandler:
         self.busy = False  # a command is being processed: the idle timer must not fire
         self.data_task: asyncio.Future[Reply] | None = None  # content on its way to the backend
         self._delivery: Delivery | None = None
+        self.mail_auth: str | None = None  # the AUTH= parameter of the last MAIL (submission)
 
     @property
     def txn(self) -> Any:
@@ -73,6 +107,43 @@ class ConnectionHandler:
         """Close the backend side and end the policy's transaction (logged, counted). Safe to call twice."""
         await self._release_backend()
         self.policy.end(word, stage, reason, reply)
+
+    # -- AUTH (submission) ----------------------------------------------------
+
+    async def handle_AUTH(self, server: Any, args: list[str]) -> str | None:
+        """AUTH PLAIN/LOGIN: collect the credentials, let the submission policy decide.
+
+        None: aiosmtpd's ``challenge_auth`` has answered already (the client
+        cancelled with ``*`` or sent bad base64); the attempt is still counted.
+        """
+        sub = self.policy.submission
+        if sub is None:
+            return "502 5.5.1 AUTH not supported"
+        mechanism = args[0].upper()
+        outcome = await sub.auth_start(self.session, mechanism)
+        if outcome is None:
+            try:
+                creds = await _credentials(server, mechanism, args[1] if len(args) > 1 else None)
+            except SaslError:
+                return await self._auth_answer(await sub.auth_malformed(self.session))
+            if creds is None:
+                outcome = await sub.auth_malformed(self.session)
+                if outcome.disconnect:
+                    return await self._auth_answer(outcome)
+                return None
+            if sub.local:
+                outcome = await sub.auth_local(self.session, mechanism, creds)
+            else:
+                outcome = AuthOutcome(BACKEND_AUTH_UNAVAILABLE)
+        return await self._auth_answer(outcome)
+
+    async def _auth_answer(self, outcome: AuthOutcome) -> str:
+        if outcome.delay > 0:
+            await asyncio.sleep(outcome.delay)  # the tarpit: guesses cost the guesser time
+        if outcome.disconnect:
+            self.close_after_reply = True
+        assert outcome.reply is not None
+        return outcome.reply.render()
 
     # -- hooks called by aiosmtpd -------------------------------------------
 

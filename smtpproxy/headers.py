@@ -21,6 +21,10 @@ _FIELD_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII exce
 MAX_VALUE = 900
 
 
+# Characters that would end or escape the comment the user name sits in.
+_COMMENT_UNSAFE = str.maketrans("()\\", "???")
+
+
 def sanitize(value: str, *, limit: int = MAX_VALUE) -> str:
     """Make client-controlled text safe for a header: no CR/LF/control characters, bounded length."""
     clean = _CONTROL.sub("?", value)
@@ -39,10 +43,19 @@ def _fold(name: str, parts: Iterable[str]) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def received_header(session: Session, txn: Transaction, hostname: str, now: datetime | None = None) -> bytes:
+def received_header(
+    session: Session,
+    txn: Transaction,
+    hostname: str,
+    now: datetime | None = None,
+    *,
+    show_user: bool = False,
+) -> bytes:
     """The RFC 5321 §4.4 trace field we prepend, as bytes ending with CRLF.
 
-    ``from HELO (RDNS [IP]) by HOST (smtpproxy) with ESMTP[S] id ID (TLS details) for <RCPT>; DATE``
+    ``from HELO (RDNS [IP]) by HOST (smtpproxy) with ESMTP[S][A] id ID (TLS details) for <RCPT>; DATE``
+    (RFC 3848: ESMTPSA is authenticated over TLS); ``show_user`` adds
+    ``(Authenticated sender: USER)`` as Postfix's smtpd_sasl_authenticated_header does.
     The ``for`` clause is given only for a single recipient, as Postfix does, so
     one copy does not disclose the other recipients.
     """
@@ -53,7 +66,13 @@ def received_header(session: Session, txn: Transaction, hostname: str, now: date
     protocol = "ESMTP" if session.esmtp else "SMTP"
     if session.tls is not None:
         protocol += "S"
-    parts = [f"from {helo} ({rdns} [{ip_literal}])", f"by {hostname} (smtpproxy) with {protocol} id {txn.id}"]
+    if session.auth_user is not None and session.esmtp:
+        protocol += "A"
+    parts = [f"from {helo} ({rdns} [{ip_literal}])"]
+    if show_user and session.auth_user is not None:
+        user = sanitize(session.auth_user, limit=100).translate(_COMMENT_UNSAFE)
+        parts.append(f"(Authenticated sender: {user})")
+    parts.append(f"by {hostname} (smtpproxy) with {protocol} id {txn.id}")
     if session.tls is not None:
         t = session.tls
         parts.append(

@@ -236,6 +236,21 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
+        # Submission
+        self.auth_attempts = Counter(
+            "smtpproxy_auth_attempts",
+            "AUTH attempts on the submission port, by result (success, failure, blocked, malformed, "
+            "no_tls, backend_error).",
+            ["result"],
+            registry=r,
+        )
+        self.dkim_signed = Counter(
+            "smtpproxy_dkim_signatures_added",
+            "DKIM signatures added to outbound mail, by algorithm (rsa-sha256, ed25519-sha256).",
+            ["algorithm"],
+            registry=r,
+        )
+
         # Rate limits
         self.ratelimit_hits = Counter(
             "smtpproxy_ratelimit_hits",

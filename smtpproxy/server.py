@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.proxy_protocol import ProxyData
-from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, _AuthMechAttr, login_always_fail, syntax
 
 from smtpproxy.dataread import DataProblem, read_data
 from smtpproxy.handler import ConnectionHandler
@@ -90,13 +90,17 @@ def declared_size(mail_options: list[str], limit: int | None) -> int:
     return 0
 
 
-_HOOKS = ("PROXY", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT", "STARTTLS")
+_HOOKS = ("PROXY", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT", "STARTTLS", "AUTH")
+# The AUTH= parameter of MAIL (RFC 4954 §5): aiosmtpd would answer 555 to it.
+_AUTH_PARAM = re.compile(r"[ \t]+AUTH=(\S*)", re.IGNORECASE)
 
 
 class InboundSMTP(SMTP):
     """One client connection (aiosmtpd creates one protocol object per connection)."""
 
-    def __init__(self, app: ConnectionContext) -> None:
+    def __init__(
+        self, app: ConnectionContext, *, submission: bool = False, implicit_tls: bool = False
+    ) -> None:
         # aiosmtpd's own __init__ introspects the class and the handler (inspect.
         # getmembers, dir, signature) for every connection: a fifth of the CPU of
         # a short session. We set the same attributes from what is computed once
@@ -124,7 +128,10 @@ class InboundSMTP(SMTP):
         # Per connection: aiosmtpd's class-level dict would be shared by all sessions.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.hostname = cfg.hostname
-        self.tls_context = app.tls_context
+        # On the implicit-TLS port the connection is TLS from the first byte: no STARTTLS to offer.
+        self.tls_context = None if implicit_tls else app.tls_context
+        self.submission = submission
+        self.implicit_tls = implicit_tls
         self.require_starttls = False
         self._timeout_duration = cfg.limits.idle_timeout
         self._timeout_handle = None
@@ -135,12 +142,22 @@ class InboundSMTP(SMTP):
         self.envelope = None
         self.transport = None
         self._handler_coroutine = None
-        self._auth_require_tls = True
+        # The policy decides (538 before TLS, implicit TLS included); aiosmtpd only sees STARTTLS.
+        self._auth_require_tls = not submission
         self._proxy_timeout = None
         self._authenticator = None
         self._auth_callback = login_always_fail
         self._auth_required = False
-        self._auth_methods = {}  # an MX offers no AUTH
+        # An MX offers no AUTH; the submission port PLAIN and LOGIN, through handle_AUTH
+        # (aiosmtpd only checks the names here before it calls the hook).
+        self._auth_methods = (
+            {
+                "PLAIN": _AuthMechAttr(self.auth_PLAIN, True),
+                "LOGIN": _AuthMechAttr(self.auth_LOGIN, True),
+            }
+            if submission
+            else {}
+        )
         self._handle_hooks = {name: getattr(handler, f"handle_{name}") for name in _HOOKS}
         self._ehlo_hook_ver = "new"
         self._smtp_methods = {name: getattr(self, f"smtp_{name}") for name in SMTP_COMMANDS}
@@ -160,6 +177,9 @@ class InboundSMTP(SMTP):
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         self.session_facts = Session(new_id(), ip, int(peer[1]), str(sock[0]), int(sock[1]))
+        self.session_facts.submission = self.submission
+        if self.implicit_tls:
+            self.session_facts.tls = _tls_info(transport)
         self.conn = ConnectionHandler(self.app, self.session_facts)
         self._proxy_timeout = self.app.proxy_timeout_for(ip)
         if not self.app.admit(self):
@@ -185,10 +205,9 @@ class InboundSMTP(SMTP):
 
     def _after_starttls(self, transport: asyncio.BaseTransport) -> None:
         assert self.session_facts is not None
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            name, _version, bits = ssl_object.cipher() or ("unknown", "", 0)
-            self.session_facts.tls = TlsInfo(ssl_object.version() or "TLS", name, int(bits or 0))
+        tls = _tls_info(transport)
+        if tls is not None:
+            self.session_facts.tls = tls
         # RFC 3207 §4.2: forget what the client said before TLS.
         self.session_facts.helo = None
         self.session_facts.esmtp = False
@@ -355,6 +374,9 @@ class InboundSMTP(SMTP):
             lines.append("250-DSN")
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("250-STARTTLS")
+        facts = self.session_facts
+        if self.submission and facts is not None and facts.tls is not None and facts.auth_user is None:
+            lines.append("250-AUTH PLAIN LOGIN")  # RFC 4954 §4: after TLS only
         lines[-1] = "250 " + lines[-1][4:]
         return lines
 
@@ -445,9 +467,23 @@ class InboundSMTP(SMTP):
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
-        """We are an MX: no submission, no AUTH."""
-        await self.push("502 5.5.1 AUTH not supported")
+        """The MX port offers no AUTH; the submission port goes to handle_AUTH (the policy decides)."""
+        if not self.submission:
+            await self.push("502 5.5.1 AUTH not supported")
+            return
+        await super().smtp_AUTH(arg)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str) -> None:
+        """On the submission port, accept the AUTH= parameter (RFC 4954 §5), recorded and not relayed."""
+        if self.submission and arg and self.conn is not None:
+            found = _AUTH_PARAM.search(arg)
+            if found is not None:
+                self.conn.mail_auth = found.group(1)
+                arg = arg[: found.start()] + arg[found.end() :]
+        await super().smtp_MAIL(arg)
 
     # -- junk commands (session_limits.max_junk_commands) ---------------------
 
@@ -552,6 +588,15 @@ def split_dsn(params: str | None) -> tuple[str | None, list[str]]:
     return (" ".join(kept) if dsn else params), dsn
 
 
+def _tls_info(transport: asyncio.BaseTransport) -> TlsInfo | None:
+    """What a TLS transport negotiated; None for a plain one."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    name, _version, bits = ssl_object.cipher() or ("unknown", "", 0)
+    return TlsInfo(ssl_object.version() or "TLS", name, int(bits or 0))
+
+
 # The SMTP verbs InboundSMTP implements (its smtp_* methods), computed once.
 SMTP_COMMANDS = tuple(name[len("smtp_") :] for name in dir(InboundSMTP) if name.startswith("smtp_"))
 
@@ -600,3 +645,6 @@ class _HandlerShim:
 
     def handle_STARTTLS(self, server: Any, session: Any, envelope: Any) -> bool:
         return True
+
+    async def handle_AUTH(self, server: Any, session: Any, envelope: Any, args: list[str]) -> str | None:
+        return await self._conn().handle_AUTH(server, args)

@@ -115,6 +115,11 @@ class Session:
     # the whole connection; protection still applies (see Check.protective).
     accepted_by: str | None = None
     junk_commands: int = 0  # NOOP, RSET, VRFY, EXPN, HELP, repeated HELO since the last delivery
+    # Submission (RFC 6409): the connection came in on a submission listener;
+    # the user name and SASL mechanism once AUTH succeeded (never a password).
+    submission: bool = False
+    auth_user: str | None = None
+    auth_mechanism: str | None = None
     state: CheckStates = field(default_factory=CheckStates)  # each check's typed state
     _address: tuple[IPAddress, str] | None = field(default=None, init=False, repr=False, compare=False)
 

@@ -46,7 +46,7 @@ def test_man_renders_the_page_without_warnings() -> None:
 @pytest.mark.parametrize(
     ("words", "expected"),
     [
-        (["smtpproxy", ""], "serve config check init rules quarantine trace"),
+        (["smtpproxy", ""], "serve config check init rules quarantine trace dkim"),
         (["smtpproxy", "trace", "--qu"], "--queue-id"),
         (["smtpproxy", "quarantine", "--config", "x.yaml", "re"], "release"),
         (["smtpproxy", "rules", "check", "--"], "--help --config"),

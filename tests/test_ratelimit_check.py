@@ -270,3 +270,11 @@ def test_ratelimit_keys_and_stage_speak_the_rule_language_too() -> None:
         "recipient",
         "recipient_domain",
     ]
+
+
+def test_an_unquoted_yaml_on_key_names_the_stage(tmp_path: Any) -> None:
+    from smtpproxy.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("rules: null\nratelimits:\n  - {name: a, key: client_ip, rate: 5/minute, on: helo}\n")
+    assert load_config(path).ratelimits[0].on == "helo"

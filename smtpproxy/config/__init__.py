@@ -11,7 +11,7 @@ folder, TLS file or maildir parent stops the start instead of switching
 something off.
 
 The top-level ``Config`` lives in ``model``; its sections by area in ``sections``
-(serving), ``auth`` (SPF, DKIM, ARC, DMARC) and ``ratelimits``; ``base`` has
+(serving), ``auth`` (SPF, DKIM, ARC, DMARC), ``ratelimits`` and ``submission``; ``base`` has
 the error type and the section base class.
 """
 
@@ -40,6 +40,7 @@ from smtpproxy.config.sections import (
     ScoresConfig,
     TlsConfig,
 )
+from smtpproxy.config.submission import DkimSignKey, SubmissionConfig
 
 __all__ = [
     "PACKAGED_RULES",
@@ -49,6 +50,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DkimConfig",
+    "DkimSignKey",
     "DmarcConfig",
     "DnsConfig",
     "LimitsConfig",
@@ -60,6 +62,7 @@ __all__ = [
     "ScoresConfig",
     "SessionLimitsConfig",
     "SpfConfig",
+    "SubmissionConfig",
     "TlsConfig",
     "build_config",
     "load_config",

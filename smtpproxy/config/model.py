@@ -33,6 +33,7 @@ from smtpproxy.config.sections import (
     ScoresConfig,
     TlsConfig,
 )
+from smtpproxy.config.submission import DkimSignKey, SubmissionConfig
 
 
 class Config(Section):
@@ -83,6 +84,10 @@ class Config(Section):
     session_limits: SessionLimitsConfig = SessionLimitsConfig()
     # The same policy served to an MTA over the milter protocol (smtpproxy.milter).
     milter: MilterConfig = MilterConfig()
+    # Submission (RFC 6409): off unless the section is written.
+    submission: SubmissionConfig | None = None
+    # Outbound DKIM signing keys; used for authenticated submission only.
+    dkim_sign: list[DkimSignKey] = []
     # Resolved location of the config file's folder; not a key users write.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
@@ -100,6 +105,15 @@ class Config(Section):
         if self.milter.listen is not None and self.workers > 1:
             # The supervisor shares one SMTP port between processes; not the milter's.
             raise ValueError(f"milter.listen: expected workers: 1 with a milter, got workers: {self.workers}")
+        return self
+
+    @model_validator(mode="after")
+    def _submission_needs_tls(self) -> Config:
+        # Passwords never travel in the clear: AUTH only after STARTTLS, and 465 is TLS throughout.
+        if self.submission is not None and not self.tls.enabled:
+            raise ValueError(
+                "submission: expected tls.cert and tls.key to be set (AUTH is offered only over TLS), got tls.cert: null"
+            )
         return self
 
     @field_validator("metrics")

@@ -42,6 +42,14 @@ class RateLimitConfig(Section):
     exempt: CidrList = []
     client_net_prefix: ClientNetPrefix = ClientNetPrefix()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads an unquoted `on:` key as the boolean True.
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
     @field_validator("key", mode="before")
     @classmethod
     def _split_key(cls, value: Any) -> Any:

@@ -111,6 +111,8 @@ MEANINGS: dict[str, str] = {
     "session_limits.max_duration": "seconds since connect (421 4.4.2)",
     "session_limits.tarpit_delay": "seconds of delay per error so far (0: off)",
     "session_limits.tarpit_max": "most seconds of tarpit delay",
+    "submission": "submission listeners, AUTH and sender_login (null: off; see README, Submission)",
+    "dkim_sign": "outbound DKIM keys: [{domain, selector, key}] (see `smtpproxy dkim keygen`)",
 }
 
 

@@ -44,6 +44,7 @@ from smtpproxy.logs import EventLog
 from smtpproxy.metrics import Metrics
 from smtpproxy.pipeline import Pipeline
 from smtpproxy.policy.combine import combine
+from smtpproxy.policy.submission import Submission
 from smtpproxy.ratelimit.session_limits import SessionLimits
 from smtpproxy.rules.facts import drop_content_facts
 from smtpproxy.session import Recipient, Session, Transaction, new_id
@@ -130,9 +131,13 @@ class Policy:
         hostname: str,
         forged_ar: Callable[[bytes], bool],
         mode: str = "proxy",
+        *,
+        submission: Submission | None = None,
     ) -> None:
         self.mode = mode  # proxy or milter: in every transaction's log line and in messages_by_mode
         self.pipeline = pipeline
+        # The submission port's own policy and pipeline; None when submission is off.
+        self.submission = submission
         self.session_limits = session_limits
         self.metrics = metrics
         self.logs = logs
@@ -150,6 +155,9 @@ class SessionPolicy:
     def __init__(self, policy: Policy, session: Session) -> None:
         self.policy = policy
         self.session = session
+        # Submission sessions run their own checks (no SPF/DKIM/DMARC verdicts on outbound mail).
+        self.submission = policy.submission if session.submission else None
+        self.pipeline = self.submission.pipeline if self.submission is not None else policy.pipeline
         self.txn: Transaction | None = None  # the transaction the backend accepted MAIL for
         self._pending: Transaction | None = None  # MAIL allowed, the backend not asked yet
         self._mail_outcome: StageOutcome | None = None
@@ -162,7 +170,7 @@ class SessionPolicy:
 
     async def connect(self) -> Decision:
         """Before the banner: serve the client, or refuse it and close."""
-        outcome = await self.policy.pipeline.run(Stage.CONNECT, self.session)
+        outcome = await self.pipeline.run(Stage.CONNECT, self.session)
         if outcome.action in _REFUSING:
             self.policy.metrics.connections_rejected.labels(outcome.decided_by or "policy").inc()
             reason = outcome.decided_by or "policy"
@@ -173,7 +181,7 @@ class SessionPolicy:
         """HELO/EHLO (an open transaction must have been ended first)."""
         self.session.helo = name
         self.session.esmtp = esmtp
-        outcome = await self.policy.pipeline.run(Stage.HELO, self.session)
+        outcome = await self.pipeline.run(Stage.HELO, self.session)
         if outcome.action in _REFUSING:
             self.session.helo = None
             return self._refusal(outcome)
@@ -181,7 +189,7 @@ class SessionPolicy:
 
     async def disconnect(self) -> None:
         """The connection closed, however it closed: checks release what they hold."""
-        await self.policy.pipeline.run(Stage.DISCONNECT, self.session)
+        await self.pipeline.run(Stage.DISCONNECT, self.session)
 
     # -- envelope -----------------------------------------------------------------
 
@@ -193,11 +201,17 @@ class SessionPolicy:
         if refusal is not None:
             return Decision(refusal, reason="dsn")
         txn = Transaction(new_id(), sender, params)
+        if self.submission is not None:
+            refused = self.submission.mail(self.session, sender)
+            if refused is not None:
+                reason = "auth_required" if refused.code == 530 else "sender_login"
+                self._log_refused_mail(txn, reason, refused)
+                return Decision(refused, reason=reason)
         limits = self.policy.session_limits
         limited = limits.duration_exceeded(self.session, time.monotonic())
         if limited is not None and limited.reply is not None:
             return Decision(limited.reply, disconnect=True, reason=limited.reasons[0])
-        outcome = await self.policy.pipeline.run(Stage.MAIL, self.session, txn)
+        outcome = await self.pipeline.run(Stage.MAIL, self.session, txn)
         if outcome.action in _REFUSING:
             reply = outcome.reply or replies.default_reply(outcome.action)
             self._log_refused_mail(txn, outcome.decided_by, reply)
@@ -239,7 +253,7 @@ class SessionPolicy:
         limited = self.policy.session_limits.duration_exceeded(self.session, time.monotonic())
         if limited is not None and limited.reply is not None:
             return Decision(limited.reply, disconnect=True, reason=limited.reasons[0])
-        outcome = await self.policy.pipeline.run(Stage.RCPT, self.session, txn, Recipient(address, params))
+        outcome = await self.pipeline.run(Stage.RCPT, self.session, txn, Recipient(address, params))
         if outcome.action in _REFUSING:
             reply = outcome.reply or replies.default_reply(outcome.action)
             counted = self._count_rcpt(address, params, reply)
@@ -304,7 +318,11 @@ class SessionPolicy:
         txn.message_id = sanitize(ids[0], limit=250) if ids else None
         self.session.messages += 1
         self.policy.metrics.message_size.observe(len(message))
-        outcome = await self.policy.pipeline.run(Stage.DATA, self.session, txn)
+        if self.submission is not None:
+            mismatch = self.submission.content(self.session, message)
+            if mismatch is not None:
+                return Delivery(Action.REJECT, "sender_login", mismatch)
+        outcome = await self.pipeline.run(Stage.DATA, self.session, txn)
         drop_content_facts(txn)  # what the rules decoded of the content: no check reads it any more
         final = combine(
             outcome, self._mail_outcome, self._rcpt_outcomes, txn.accepted_by or self.session.accepted_by
@@ -318,9 +336,12 @@ class SessionPolicy:
             )
         if action is Action.DISCARD:
             return Delivery(action, reason or "discard", replies.discarded(txn.id), header_edits=edits)
-        trace = received_header(self.session, txn, self.policy.hostname)
+        show_user = self.submission is not None and self.submission.config.received_user
+        trace = received_header(self.session, txn, self.policy.hostname, show_user=show_user)
         # Incoming Authentication-Results claiming our authserv-id are forgeries.
         content = apply_edits(message, final.header_edits, prepend=trace, drop=self.policy.forged_ar)
+        if self.submission is not None:
+            content = await self.submission.sign(self.session, content)
         # What goes out replaces what came in: one copy is held while it is sent.
         txn.message = content
         if action is Action.QUARANTINE:

@@ -12,7 +12,11 @@ sender            mail       MAIL FROM address, lower-cased; ``<>`` if null
 sender_domain     mail       its domain, lower-cased; ``<>`` if null
 recipient         rcpt       the RCPT TO address, lower-cased (rcpt only)
 recipient_domain  rcpt       its domain, lower-cased (rcpt only)
+auth_user         mail       the authenticated (AUTH) user, lower-cased
 ================= ========== ===========================================
+
+A limit whose key has ``auth_user`` counts authenticated sessions only (per
+user on the submission port); unauthenticated ones pass it.
 
 Each kind may also be written as its rule field (``client.ip``,
 ``mail_from.domain``, ``rcpt.domain``...; see ``FIELD_NAMES``). A combined
@@ -44,6 +48,7 @@ KEY_KINDS: dict[str, str] = {
     "sender_domain": "mail",
     "recipient": "rcpt",
     "recipient_domain": "rcpt",
+    "auth_user": "mail",
 }
 # The same facts under the names the rule language gives them (``client.ip``,
 # ``mail_from.domain``...): one vocabulary for rules and rate limits. The kinds
@@ -144,6 +149,10 @@ def _value(
         if not txn.mail_from:
             return "<>"
         return txn.mail_from.lower() if kind == "sender" else txn.sender_domain
+    if kind == "auth_user":
+        if session.auth_user is None:
+            raise ValueError("key auth_user needs an authenticated session")
+        return session.auth_user.lower()
     if kind in RCPT_ONLY:
         if rcpt is None:
             raise ValueError(f"key {kind} needs a recipient")

@@ -188,6 +188,8 @@ class RateLimiter:
         for lim, key_of, interval in plan:
             if lim.exempt and self._exempt(lim.exempt, session):
                 continue
+            if session.auth_user is None and "auth_user" in lim.spec.kinds:
+                continue  # a per-user limit: nobody to count
             key = key_of(session, txn, rcpt)
             if lim.concurrency is None:
                 entries.append(RateEntry(key, interval, lim.burst))
@@ -265,14 +267,23 @@ class RateLimiter:
         key is scoped by ``rule:NAME`` and hashed when long. On a store failure:
         True when failing open, False when failing closed.
         """
-        entry = RateEntry(scoped_key(f"rule:{name}", key), rate.interval, max(1, burst))
+        allowed = await self.take(f"rule:{name}", key, rate.interval, max(1, burst))
+        if not allowed:
+            self.metrics.ratelimit_hits.labels(limit=name).inc()
+        return allowed
+
+    async def take(self, scope: str, key: str, interval: float, burst: int, cost: int = 1) -> bool:
+        """One GCRA step of ``cost`` units on ``scope:key``: True when allowed (and then counted).
+
+        ``cost`` 0 asks without counting: allowed while fewer than ``burst``
+        units are in the bucket. On a store failure: True when failing open,
+        False when failing closed (already logged and counted).
+        """
+        entry = RateEntry(scoped_key(scope, key), interval, burst, cost)
         results = await self._apply([entry])
         if results is None:
             return self.fail_open
-        if results[0] > 0:
-            self.metrics.ratelimit_hits.labels(limit=name).inc()
-            return False
-        return True
+        return not results[0]
 
     async def close(self) -> None:
         """Close the store."""
